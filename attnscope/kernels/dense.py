@@ -1,0 +1,56 @@
+"""Dense backend: materialise the attention probabilities and call the reference metrics.
+
+Memory O(B Hq Tq Tk): for small inputs and as the oracle of the other backends.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnscope import metrics
+from attnscope.kernels.request import SPAN_PREFIX, StatsRequest
+from attnscope.kernels.stats import AttentionStats
+from attnscope.metrics.dense import analysed_rows, fai_selection
+
+
+def dense_stats(req: StatsRequest) -> AttentionStats:
+    rows_all = slice(None)
+    allowed = req.allowed(rows_all)  # [B, 1|Hq, Tq, Tk]
+    scores = req.scores(rows_all).masked_fill(~allowed, float("-inf"))  # [B, Hq, Tq, Tk]
+    lse = torch.logsumexp(scores, -1)  # [B, Hq, Tq]
+    attn = torch.softmax(scores, -1)  # NaN rows where everything is masked
+    qp, kp = req.q_pos[:, None, :], req.k_pos[:, None, :]  # [B, 1, T]
+    valid = torch.isfinite(lse)  # [B, Hq, Tq]
+
+    rows: dict[str, torch.Tensor] = {}
+    for name in req.row_metrics:
+        if name == "entropy":
+            rows[name] = metrics.entropy(attn)
+        elif name == "mean_distance":
+            rows[name] = metrics.mean_distance(attn, qp, kp)
+        elif name == "waad":
+            rows[name] = metrics.waad(attn, req.window, qp, kp)
+        elif name == "sink_mass":
+            rows[name] = metrics.sink_mass(attn, req.sink_tokens, kp)
+        elif name == "max_attention":
+            rows[name] = metrics.max_attention(attn)
+        else:
+            start, end = req.spans[name.removeprefix(SPAN_PREFIX)]
+            rows[name] = metrics.span_mass(attn, start, end, kp)
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, torch.Tensor] = {}
+    if req.wants("received"):
+        sums["received"] = metrics.received(attn)
+    if req.wants("fai"):
+        sel = fai_selection(qp[..., :, None] - kp[..., None, :], req.fai_horizon)
+        sel = sel & analysed_rows(valid, qp, req.fai_rows)[..., :, None]  # [B, Hq, Tq, Tk]
+        counts["fai"] = sel.sum(-2).float()
+        mean = metrics.fai(attn, req.fai_horizon, req.fai_rows, qp, kp)
+        sums["fai"] = torch.nan_to_num(mean) * counts["fai"]
+    if req.wants("sink_score"):
+        visible = allowed & valid[..., :, None]
+        counts["sink_score"] = visible.sum(-2).float()
+        mean = metrics.sink_score(attn, mask=allowed)
+        sums["sink_score"] = torch.nan_to_num(mean) * counts["sink_score"]
+    return AttentionStats(rows, sums, counts, lse, backend="dense")

@@ -1,0 +1,84 @@
+"""Registration of the probe's attention functions with transformers (process-global, done once).
+
+Two implementations are registered, each with the mask function its delegate expects:
+``attnscope`` (SDPA masks, delegates to SDPA) and ``attnscope_eager`` (eager masks, delegates to the
+module's own eager function, so ``output_attentions`` keeps working). Every call is delegated with
+its arguments unchanged, so the model's output is untouched; then the active capture sessions are
+told about the call.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+SDPA_NAME = "attnscope"
+EAGER_NAME = "attnscope_eager"
+
+Observer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Any, dict], None]
+_observers: list[Observer] = []
+
+
+def module_eager(module: torch.nn.Module) -> Callable:
+    """The eager attention function defined next to the module's class in its modeling file."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward to delegate to")
+    return fn
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Bool mask (True = attend) -> additive float mask for eager functions."""
+    if mask is None or mask.is_floating_point():
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask, torch.finfo(dtype).min
+    )
+
+
+def _notify(module, query, key, attention_mask, kwargs) -> None:
+    for observe in list(_observers):
+        observe(module, query, key, attention_mask, kwargs)
+
+
+def _sdpa_probe(module, query, key, value, attention_mask, **kwargs):
+    if kwargs.get("softcap") is not None:  # SDPA refuses softcap: compute with the eager math
+        out = module_eager(module)(
+            module, query, key, value, _additive(attention_mask, query.dtype), **kwargs
+        )
+    else:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    _notify(module, query, key, attention_mask, kwargs)
+    return out
+
+
+def _eager_probe(module, query, key, value, attention_mask, **kwargs):
+    out = module_eager(module)(module, query, key, value, attention_mask, **kwargs)
+    _notify(module, query, key, attention_mask, kwargs)
+    return out
+
+
+AttentionInterface.register(SDPA_NAME, _sdpa_probe)
+AttentionMaskInterface.register(SDPA_NAME, sdpa_mask)
+AttentionInterface.register(EAGER_NAME, _eager_probe)
+AttentionMaskInterface.register(EAGER_NAME, eager_mask)
+
+
+def probe_name_for(implementation: str | None) -> str:
+    """Our implementation that reproduces ``implementation``'s outputs (flash -> SDPA masks)."""
+    return EAGER_NAME if implementation in (None, "eager") else SDPA_NAME
+
+
+def add_observer(fn: Observer) -> None:
+    _observers.append(fn)
+
+
+def remove_observer(fn: Observer) -> None:
+    if fn in _observers:
+        _observers.remove(fn)

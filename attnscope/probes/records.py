@@ -1,0 +1,66 @@
+"""Per-module accumulation of statistics across the calls of one capture (prefill + decode steps)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from attnscope.kernels import AttentionStats
+
+_LAYER_NUMBER = re.compile(r"\.(\d+)(?=\.|$)")
+
+
+def stack_of(module_name: str) -> tuple[str, int]:
+    """``model.layers.3.self_attn`` -> (``model.layers.{}.self_attn``, 3). Layer -1 if unnumbered."""
+    m = _LAYER_NUMBER.search(module_name)
+    if m is None:
+        return module_name, -1
+    return module_name[: m.start()] + ".{}" + module_name[m.end() :], int(m.group(1))
+
+
+@dataclass
+class ModuleRecord:
+    """Statistics of one attention module, keyed by absolute token index (cache slot order)."""
+
+    name: str
+    causal: bool
+    n_heads: int = 0
+    seen: int = 0  # query tokens seen so far (self-attention position counter)
+    pad: Tensor | None = None  # [B] leading padding tokens per sequence (from the first call)
+    row_steps: list[tuple[Tensor, dict[str, Tensor]]] = field(default_factory=list)
+    col_sums: dict[str, Tensor] = field(default_factory=dict)  # [B, H, N]
+    col_counts: dict[str, Tensor] = field(default_factory=dict)  # [B, 1|H, N]
+
+    def add(self, q_index: Tensor, k_index: Tensor, stats: AttentionStats) -> None:
+        """Store rows at query indices ``[Tq]`` and add columns at key indices ``[Tk]``."""
+        self.n_heads = stats.lse.shape[1]
+        self.row_steps.append((q_index.cpu(), {k: v.cpu() for k, v in stats.rows.items()}))
+        n = int(k_index.max()) + 1 if k_index.numel() else 0
+        for store, update in ((self.col_sums, stats.col_sums), (self.col_counts, stats.col_counts)):
+            for name, value in update.items():
+                buf = _grow(store.get(name), value, n)
+                buf[..., k_index.cpu()] += value.cpu()
+                store[name] = buf
+
+    def rows(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """All rows in index order: indices ``[N]`` and metrics ``[B, H, N]``."""
+        index = torch.cat([i for i, _ in self.row_steps])
+        order = torch.argsort(index, stable=True)
+        names = self.row_steps[0][1].keys() if self.row_steps else []
+        merged = {n: torch.cat([r[n] for _, r in self.row_steps], dim=-1)[..., order] for n in names}
+        return index[order], merged
+
+
+def _grow(buf: Tensor | None, like: Tensor, n: int) -> Tensor:
+    """A zero-padded buffer of ``like``'s leading shape and at least ``n`` columns."""
+    shape = (*like.shape[:-1], n)
+    if buf is None:
+        return torch.zeros(shape, dtype=torch.float32)
+    if buf.shape[-1] >= n and buf.shape[:-1] == like.shape[:-1]:
+        return buf
+    out = torch.zeros((*torch.broadcast_shapes(buf.shape[:-1], like.shape[:-1]), max(n, buf.shape[-1])))
+    out[..., : buf.shape[-1]] += buf
+    return out

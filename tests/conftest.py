@@ -1,0 +1,33 @@
+"""Test environment: offline hub, Triton interpreter, no silent torchvision installs.
+
+These variables must be set before anything imports triton or transformers, hence module level.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def _no_torchvision_install(*args, **kwargs) -> bool:
+    """Stand-in for TransformerLens's helper that would `pip install torchvision` (ENVIRONMENT.md)."""
+    return False
+
+
+try:  # TransformerLens 4 silently runs `pip install torchvision` for some multimodal directories.
+    from transformer_lens.model_bridge.sources.transformers import helpers as _tl_helpers
+
+    _tl_helpers._ensure_torchvision = _no_torchvision_install
+except ImportError:
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
