@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from attnscope import metrics
+from attnscope.atomic import write_dir_atomically
 from attnscope.errors import AttnscopeError
-from attnscope.store.atomic import write_dir_atomically
 
 FORMAT_VERSION = 1
 TRACE_FILE = "trace.json"
@@ -83,8 +83,12 @@ class Trace:
         token = pa.DictionaryArray.from_arrays(
             np.tile(np.arange(n, dtype=np.int32), n_l * n_h), pa.array(self.tokens, pa.string())
         )
-        columns: dict[str, Any] = {"layer": layer, "head": head, "position": position,
-                                   "token": token}
+        columns: dict[str, Any] = {
+            "layer": layer,
+            "head": head,
+            "position": position,
+            "token": token,
+        }
         for name, t in {**self.rows, **self.cols}.items():
             columns[name] = t.detach().float().cpu().numpy().reshape(-1)
         return pa.table(columns)

@@ -62,9 +62,21 @@ def attention_stats(
     ``ROW_METRICS``, one ``span_mass:NAME`` per span and ``COL_METRICS``.
     """
     req = build_request(
-        q, k, causal=causal, scale=scale, window=window, fai_horizon=fai_horizon,
-        fai_rows=fai_rows, sink_tokens=sink_tokens, spans=spans, sliding_window=sliding_window,
-        softcap=softcap, mask=mask, q_pos=q_pos, k_pos=k_pos, metrics=metrics,
+        q,
+        k,
+        causal=causal,
+        scale=scale,
+        window=window,
+        fai_horizon=fai_horizon,
+        fai_rows=fai_rows,
+        sink_tokens=sink_tokens,
+        spans=spans,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        mask=mask,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        metrics=metrics,
     )
     return BACKENDS[resolve_backend(backend, q)](req)
 

@@ -13,7 +13,9 @@ from attnscope.kernels.request import SPAN_PREFIX, StatsRequest
 from attnscope.kernels.stats import AttentionStats
 from attnscope.metrics.dense import analysed_rows, fai_selection
 
-BLOCK_ELEMENTS = 1 << 22  # score elements per block (16 MiB of fp32), a few temporaries of this size
+BLOCK_ELEMENTS = (
+    1 << 22
+)  # score elements per block (16 MiB of fp32), a few temporaries of this size
 
 
 def chunked_stats(req: StatsRequest, block_elements: int = BLOCK_ELEMENTS) -> AttentionStats:
@@ -26,8 +28,7 @@ def chunked_stats(req: StatsRequest, block_elements: int = BLOCK_ELEMENTS) -> At
     rows = {m: torch.empty(b, hq, tq, device=dev) for m in req.row_metrics}
     lse = torch.empty(b, hq, tq, device=dev)
     sums = {m: torch.zeros(b, hq, tk, device=dev) for m in req.col_metrics}
-    counts = {m: torch.zeros(b, 1, tk, device=dev) for m in ("fai", "sink_score")
-              if req.wants(m)}
+    counts = {m: torch.zeros(b, 1, tk, device=dev) for m in ("fai", "sink_score") if req.wants(m)}
     if req.wants("sink_score") and req.mask is not None and req.mask.shape[1] > 1:
         counts["sink_score"] = torch.zeros(b, hq, tk, device=dev)
 
@@ -78,9 +79,8 @@ def _block(
         return torch.where(valid[..., 0], (p * weight).sum(-1), nan)
 
     for name, out in rows.items():
-        if name == "entropy":  # H = lse - sum p s, with masked scores contributing 0
-            val = lse[..., 0] - (p * torch.where(allowed, s, 0.0)).sum(-1)
-            out[:, :, rs] = torch.where(valid[..., 0], val, nan)
+        if name == "entropy":  # H = sum p (lse - s), masked keys (p = 0) contributing 0
+            out[:, :, rs] = weighted(torch.where(allowed, lse - s, 0.0))
         elif name == "mean_distance":
             out[:, :, rs] = weighted(dist)
         elif name == "waad":

@@ -17,10 +17,17 @@ def dense_stats(req: StatsRequest) -> AttentionStats:
     rows_all = slice(None)
     allowed = req.allowed(rows_all)  # [B, 1|Hq, Tq, Tk]
     scores = req.scores(rows_all).masked_fill(~allowed, float("-inf"))  # [B, Hq, Tq, Tk]
-    lse = torch.logsumexp(scores, -1)  # [B, Hq, Tq]
     attn = torch.softmax(scores, -1)  # NaN rows where everything is masked
+    return probability_stats(req, attn, allowed, torch.logsumexp(scores, -1))
+
+
+def probability_stats(
+    req: StatsRequest, attn: torch.Tensor, allowed: torch.Tensor, lse: torch.Tensor
+) -> AttentionStats:
+    """Statistics of given probabilities ``attn`` ``[B, Hq, Tq, Tk]`` (``req`` supplies positions
+    and parameters; its q and k are not read). ``lse`` ``[B, Hq, Tq]`` is passed through."""
     qp, kp = req.q_pos[:, None, :], req.k_pos[:, None, :]  # [B, 1, T]
-    valid = torch.isfinite(lse)  # [B, Hq, Tq]
+    valid = ~torch.isnan(attn).any(-1)  # [B, Hq, Tq]
 
     rows: dict[str, torch.Tensor] = {}
     for name in req.row_metrics:

@@ -57,8 +57,9 @@ class StatsRequest:
         """Which keys each query row may see. bool ``[B, 1|Hq, rows, keys]``."""
         qp = self.q_pos[:, None, rows, None]  # [B, 1, r, 1]
         kp = self.k_pos[:, None, None, keys]  # [B, 1, 1, k]
-        ok = torch.ones(qp.shape[0], 1, qp.shape[2], kp.shape[3], dtype=torch.bool,
-                        device=self.q.device)
+        ok = torch.ones(
+            qp.shape[0], 1, qp.shape[2], kp.shape[3], dtype=torch.bool, device=self.q.device
+        )
         if self.causal:
             ok = ok & (kp <= qp)
         if self.sliding_window is not None:
@@ -102,7 +103,9 @@ def build_request(
 ) -> StatsRequest:
     """Check shapes and parameters; name the problem in every error."""
     if q.dim() != 4 or k.dim() != 4:
-        raise ShapeError(f"q and k must be 4-D [B, H, T, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        raise ShapeError(
+            f"q and k must be 4-D [B, H, T, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
     b, hq, tq, d = q.shape
     bk, hkv, tk, dk = k.shape
     if (b, d) != (bk, dk):
@@ -110,7 +113,9 @@ def build_request(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and head dim [B, H, T, D]"
         )
     if hkv == 0 or hq % hkv:
-        raise ShapeError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
+        raise ShapeError(
+            f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA"
+        )
     if window < 1:
         raise ValueError(f"WAAD window must be >= 1, got {window}")
     if sink_tokens < 0:
@@ -137,10 +142,22 @@ def build_request(
     if qp is None:
         qp = kp[:, tk - tq :] if tq <= tk else torch.arange(tq, device=q.device).expand(b, tq)
     return StatsRequest(
-        q=q.float(), k=k.float(), q_pos=qp, k_pos=kp, mask=mask4, key_valid=key_valid,
-        causal=causal, scale=float(d**-0.5 if scale is None else scale), window=window,
-        fai_horizon=fai_horizon, fai_rows=fai_rows, sink_tokens=sink_tokens, spans=spans,
-        sliding_window=sliding_window, softcap=softcap, metrics=requested,
+        q=q.float(),
+        k=k.float(),
+        q_pos=qp,
+        k_pos=kp,
+        mask=mask4,
+        key_valid=key_valid,
+        causal=causal,
+        scale=float(d**-0.5 if scale is None else scale),
+        window=window,
+        fai_horizon=fai_horizon,
+        fai_rows=fai_rows,
+        sink_tokens=sink_tokens,
+        spans=spans,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        metrics=requested,
     )
 
 
@@ -174,9 +191,15 @@ def _split_mask(
         if mask.shape != (b, tk):
             raise ShapeError(f"2-D mask must be [B, Tk] = {(b, tk)}, got {tuple(mask.shape)}")
         return mask, None
-    if mask.dim() == 4 and mask.shape[0] == b and mask.shape[1] in (1, hq) and mask.shape[2:] == (
-        tq,
-        tk,
+    if (
+        mask.dim() == 4
+        and mask.shape[0] == b
+        and mask.shape[1] in (1, hq)
+        and mask.shape[2:]
+        == (
+            tq,
+            tk,
+        )
     ):
         return None, mask
     raise ShapeError(

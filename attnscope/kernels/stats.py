@@ -25,8 +25,10 @@ class AttentionStats:
     @property
     def cols(self) -> dict[str, Tensor]:
         """Final column statistics: sums divided by counts, NaN where no row counts."""
-        return {name: finish_column(name, s, self.col_counts.get(name)) for name, s in
-                self.col_sums.items()}
+        return {
+            name: finish_column(name, s, self.col_counts.get(name))
+            for name, s in self.col_sums.items()
+        }
 
 
 def finish_column(name: str, total: Tensor, count: Tensor | None) -> Tensor:

@@ -44,7 +44,10 @@ def mean_distance(attn: Tensor, q_pos: Tensor | None = None, k_pos: Tensor | Non
 
 
 def waad(
-    attn: Tensor, window: int = WAAD_WINDOW, q_pos: Tensor | None = None, k_pos: Tensor | None = None
+    attn: Tensor,
+    window: int = WAAD_WINDOW,
+    q_pos: Tensor | None = None,
+    k_pos: Tensor | None = None,
 ) -> Tensor:
     """Windowed average attention distance ``sum_s A[t,s] min(t - s, W)``, in [0, W]. ``[..., Tq]``."""
     if window < 1:
@@ -161,7 +164,7 @@ def head_groups(span: Tensor, fraction: float = 0.3) -> dict[str, Tensor]:
     if not 0 < fraction <= 0.5:
         raise ValueError(f"head group fraction must be in (0, 0.5], got {fraction}")
     flat = span.flatten()
-    n = max(1, int(round(fraction * flat.numel())))
+    n = max(1, round(fraction * flat.numel()))
     order = torch.argsort(flat, stable=True)
     local = torch.zeros_like(flat, dtype=torch.bool)
     glob = torch.zeros_like(flat, dtype=torch.bool)

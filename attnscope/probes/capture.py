@@ -56,8 +56,13 @@ class Capture:
         self.metrics = _normalise_metrics(metrics, self.spans)
         self.layers = None if layers is None else set(layers)
         self.tokenizer = tokenizer
-        self.params = dict(backend=backend, window=window, fai_horizon=fai_horizon,
-                           fai_rows=fai_rows, sink_tokens=sink_tokens)
+        self.params = dict(
+            backend=backend,
+            window=window,
+            fai_horizon=fai_horizon,
+            fai_rows=fai_rows,
+            sink_tokens=sink_tokens,
+        )
         self.records: dict[str, ModuleRecord] = {}
         self.input_ids: list[Tensor] = []
         self.backend_used: str | None = None
@@ -115,7 +120,9 @@ class Capture:
             query.device
         )
         if rec.pad is None:
-            rec.pad = _leading_padding(mask, b, tk) if rec.causal else torch.zeros(b, dtype=torch.long)
+            rec.pad = (
+                _leading_padding(mask, b, tk) if rec.causal else torch.zeros(b, dtype=torch.long)
+            )
         pad = rec.pad.to(query.device)[:, None]
         scaling = kwargs.get("scaling")
         stats = attention_stats(
@@ -211,8 +218,12 @@ class Capture:
         )
 
 
-def capture(model: torch.nn.Module, metrics: Sequence[str] | None = None,
-            layers: Iterable[int] | None = None, **kwargs: Any) -> Capture:
+def capture(
+    model: torch.nn.Module,
+    metrics: Sequence[str] | None = None,
+    layers: Iterable[int] | None = None,
+    **kwargs: Any,
+) -> Capture:
     """``with capture(model) as cap: model(**inputs)`` then ``cap.trace``. See ``Capture``."""
     return Capture(model, metrics, layers, **kwargs)
 
@@ -236,8 +247,11 @@ def _leading_padding(mask: Tensor | None, batch: int, tk: int) -> Tensor:
 def _all_configs(model: torch.nn.Module) -> list[Any]:
     """Every config object reachable from the model: submodels' configs and nested sub-configs."""
     found: dict[int, Any] = {}
-    queue = [m.config for m in model.modules() if hasattr(m, "config") and
-             hasattr(m.config, "_attn_implementation_internal")]
+    queue = [
+        m.config
+        for m in model.modules()
+        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation_internal")
+    ]
     while queue:
         cfg = queue.pop()
         if id(cfg) in found:

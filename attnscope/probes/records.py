@@ -50,7 +50,9 @@ class ModuleRecord:
         index = torch.cat([i for i, _ in self.row_steps])
         order = torch.argsort(index, stable=True)
         names = self.row_steps[0][1].keys() if self.row_steps else []
-        merged = {n: torch.cat([r[n] for _, r in self.row_steps], dim=-1)[..., order] for n in names}
+        merged = {
+            n: torch.cat([r[n] for _, r in self.row_steps], dim=-1)[..., order] for n in names
+        }
         return index[order], merged
 
 
@@ -61,6 +63,8 @@ def _grow(buf: Tensor | None, like: Tensor, n: int) -> Tensor:
         return torch.zeros(shape, dtype=torch.float32)
     if buf.shape[-1] >= n and buf.shape[:-1] == like.shape[:-1]:
         return buf
-    out = torch.zeros((*torch.broadcast_shapes(buf.shape[:-1], like.shape[:-1]), max(n, buf.shape[-1])))
+    out = torch.zeros(
+        (*torch.broadcast_shapes(buf.shape[:-1], like.shape[:-1]), max(n, buf.shape[-1]))
+    )
     out[..., : buf.shape[-1]] += buf
     return out

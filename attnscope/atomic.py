@@ -19,7 +19,9 @@ def write_dir_atomically(dest: Path, fill: Callable[[Path], None], overwrite: bo
     """
     dest = Path(dest)
     if dest.exists() and not overwrite:
-        raise RunExistsError(f"run directory {dest} already exists; pass overwrite=True (CLI: --overwrite)")
+        raise RunExistsError(
+            f"run directory {dest} already exists; pass overwrite=True (CLI: --overwrite)"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:

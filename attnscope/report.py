@@ -1,0 +1,125 @@
+"""Static ``report.html`` of a Trace: token strips, layer x head maps, sink heads (plotly)."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from attnscope.atomic import write_file_atomically
+from attnscope.trace import Trace
+
+STRIP_METRICS = ("waad", "fai", "entropy")
+
+
+def token_strip(trace: Trace, names: tuple[str, ...] = STRIP_METRICS) -> go.Figure:
+    """One row per metric over the tokens, averaged over layers and heads (NaN-aware)."""
+    names = tuple(n for n in names if n in trace.rows or n in trace.cols)
+    fig = make_subplots(
+        rows=len(names),
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.04,
+        subplot_titles=[f"{n} (mean over layers and heads)" for n in names],
+    )
+    labels = [f"{i}: {t}" for i, t in enumerate(trace.tokens)]
+    for row, name in enumerate(names, start=1):
+        values = {**trace.rows, **trace.cols}[name]
+        mean = torch.nanmean(values.flatten(0, 1), dim=0).numpy()  # [T]
+        fig.add_trace(
+            go.Heatmap(
+                z=[mean],
+                x=list(range(len(mean))),
+                text=[labels],
+                colorscale="Viridis",
+                hovertemplate="%{text}<br>" + name + " = %{z:.4f}<extra></extra>",
+                colorbar=dict(len=1 / len(names), y=1 - (row - 0.5) / len(names), title=name),
+            ),
+            row=row,
+            col=1,
+        )
+        fig.update_yaxes(showticklabels=False, row=row, col=1)
+    for start, label in _span_marks(trace):
+        fig.add_vline(x=start - 0.5, line_dash="dot", line_color="white", annotation_text=label)
+    fig.update_layout(
+        height=120 + 110 * len(names), margin=dict(l=20, r=20, t=60, b=20), title="Token strip"
+    )
+    return fig
+
+
+def head_maps(trace: Trace) -> go.Figure:
+    """Layer x head heatmaps: head span, mean entropy, first-token sink score."""
+    panels = {
+        "head span (mean look-back distance)": trace.head_span(),
+        "mean entropy": torch.nanmean(trace.rows["entropy"], -1),
+        "sink score of token 0": trace.cols["sink_score"][..., 0],
+    }
+    fig = make_subplots(
+        rows=1, cols=len(panels), subplot_titles=list(panels), horizontal_spacing=0.08
+    )
+    groups = trace.head_groups()
+    for col, z in enumerate(panels.values(), start=1):
+        text = [
+            [_head_label(groups, trace, li, h) for h in range(trace.n_heads)]
+            for li in range(len(trace.layers))
+        ]
+        fig.add_trace(
+            go.Heatmap(
+                z=z.numpy(),
+                x=[f"h{h}" for h in range(trace.n_heads)],
+                y=[f"L{i}" for i in trace.layers],
+                text=text,
+                colorscale="Magma",
+                hovertemplate="%{y} %{x}: %{z:.3f}<br>%{text}<extra></extra>",
+                colorbar=dict(x=col / len(panels) - 0.02, len=0.9),
+                showscale=True,
+            ),
+            row=1,
+            col=col,
+        )
+    fig.update_layout(height=80 + 22 * len(trace.layers), title="Heads")
+    return fig
+
+
+def _head_label(groups: dict[str, torch.Tensor], trace: Trace, layer: int, head: int) -> str:
+    tags = [g for g, m in groups.items() if bool(m[layer, head])]
+    if bool(trace.sink_heads()[layer, head]):
+        tags.append("sink")
+    return ", ".join(tags) or "-"
+
+
+def _span_marks(trace: Trace) -> list[tuple[int, str]]:
+    return [(s, name) for name, (s, _) in trace.spans.items() if s > 0]
+
+
+def write_report(trace: Trace, run_dir: Path) -> Path:
+    """Write ``report.html`` next to the run's data and return its path."""
+    sink = trace.sink_heads()
+    summary = (
+        f"<h1>attnscope run: {html.escape(str(trace.meta.get('model', '?')))}</h1>"
+        f"<p>{len(trace)} tokens, {len(trace.layers)} layers x {trace.n_heads} heads; "
+        f"backend {html.escape(str(trace.meta.get('backend')))}; "
+        f"sink heads (alpha_0 &gt; 0.3): {int(sink.sum())} of {sink.numel()}.</p>"
+        f"<pre style='white-space:pre-wrap'>{html.escape(_text_of(trace))}</pre>"
+    )
+    figures = [token_strip(trace), head_maps(trace)]
+    body = "".join(
+        f.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
+        for i, f in enumerate(figures)
+    )
+    path = Path(run_dir) / "report.html"
+    write_file_atomically(
+        path,
+        f"<!doctype html><html><head><meta charset='utf-8'><title>attnscope report</title>"
+        f"</head><body style='font-family:sans-serif'>{summary}{body}</body></html>",
+    )
+    return path
+
+
+def _text_of(trace: Trace) -> str:
+    prompt = trace.meta.get("text", "")
+    generated = trace.meta.get("generated_text", "")
+    return f"{prompt}[{generated}]" if generated else str(prompt)

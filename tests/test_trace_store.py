@@ -1,0 +1,144 @@
+"""Trace save/load round trip, atomic writes, RunStore SQL and its confinement."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from attnscope.errors import AttnscopeError, RunExistsError
+from attnscope.store import RunStore
+from attnscope.trace import Trace
+
+
+def make_trace(n_layers=2, n_heads=3, n=7, seed=0) -> Trace:
+    g = torch.Generator().manual_seed(seed)
+    return Trace(
+        tokens=[f"t{i}" for i in range(n)],
+        token_ids=list(range(n)),
+        spans={"prompt": (0, 4), "response": (4, n)},
+        layers=list(range(n_layers)),
+        n_heads=n_heads,
+        rows={
+            "entropy": torch.rand(n_layers, n_heads, n, generator=g),
+            "mean_distance": torch.rand(n_layers, n_heads, n, generator=g) * 5,
+        },
+        cols={
+            "fai": torch.rand(n_layers, n_heads, n, generator=g),
+            "sink_score": torch.rand(n_layers, n_heads, n, generator=g),
+        },
+        meta={"model": "unit"},
+    )
+
+
+def test_round_trip(tmp_path):
+    trace = make_trace()
+    trace.cols["fai"][..., -1] = float("nan")
+    trace.save(tmp_path / "run")
+    back = Trace.load(tmp_path / "run")
+    assert back.tokens == trace.tokens and back.spans == trace.spans and back.meta == trace.meta
+    for name in trace.rows:
+        assert torch.equal(back.rows[name], trace.rows[name])
+    torch.testing.assert_close(back.cols["fai"], trace.cols["fai"], equal_nan=True)
+
+
+def test_to_arrow_is_long_and_ordered():
+    trace = make_trace()
+    table = trace.to_arrow()
+    assert table.num_rows == 2 * 3 * 7
+    rows = table.to_pylist()
+    r = rows[1 * 3 * 7 + 2 * 7 + 5]  # layer 1, head 2, position 5
+    assert (r["layer"], r["head"], r["position"], r["token"]) == (1, 2, 5, "t5")
+    assert r["entropy"] == pytest.approx(trace.rows["entropy"][1, 2, 5].item())
+
+
+def test_shape_mismatch_is_refused():
+    with pytest.raises(AttnscopeError, match="expected"):
+        Trace(
+            tokens=["a"],
+            token_ids=[0],
+            spans={},
+            layers=[0],
+            n_heads=1,
+            rows={"entropy": torch.zeros(1, 1, 2)},
+            cols={},
+        )
+
+
+def test_existing_run_is_refused_then_replaced_atomically(tmp_path):
+    make_trace(seed=0).save(tmp_path / "run")
+    with pytest.raises(RunExistsError, match="overwrite"):
+        make_trace(seed=1).save(tmp_path / "run")
+    make_trace(seed=1).save(tmp_path / "run", overwrite=True)
+    assert torch.equal(
+        Trace.load(tmp_path / "run").rows["entropy"], make_trace(seed=1).rows["entropy"]
+    )
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # no temporary leftovers
+
+
+def test_failed_save_leaves_old_run_intact(tmp_path, monkeypatch):
+    make_trace(seed=0).save(tmp_path / "run")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("pyarrow.parquet.write_table", broken)
+    with pytest.raises(OSError, match="disk full"):
+        make_trace(seed=1).save(tmp_path / "run", overwrite=True)
+    assert torch.equal(
+        Trace.load(tmp_path / "run").rows["entropy"], make_trace(seed=0).rows["entropy"]
+    )
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_newer_format_is_refused(tmp_path):
+    make_trace().save(tmp_path / "run")
+    header = json.loads((tmp_path / "run" / "trace.json").read_text())
+    header["format_version"] = 99
+    (tmp_path / "run" / "trace.json").write_text(json.dumps(header))
+    with pytest.raises(AttnscopeError, match="newer attnscope"):
+        Trace.load(tmp_path / "run")
+
+
+def test_run_store_sql(tmp_path):
+    make_trace(seed=0).save(tmp_path / "a")
+    make_trace(seed=1, n_layers=3).save(tmp_path / "b")
+    store = RunStore(tmp_path)
+    assert [r.name for r in store.runs()] == ["a", "b"]
+    table = store.sql(
+        "SELECT run, count(*) AS n, avg(entropy) AS e FROM stats GROUP BY run ORDER BY run"
+    )
+    assert table.column("n").to_pylist() == [2 * 3 * 7, 3 * 3 * 7]
+    assert table.column("e")[0].as_py() == pytest.approx(
+        make_trace(seed=0).rows["entropy"].mean().item(), rel=1e-6
+    )
+    joined = store.sql("SELECT r.n_layers FROM runs r WHERE r.run = 'b'")
+    assert joined.column("n_layers").to_pylist() == [3]
+    assert torch.equal(store.load("a").rows["entropy"], make_trace(seed=0).rows["entropy"])
+
+
+@pytest.mark.parametrize(
+    ("sql", "match"),
+    [
+        ("SELECT * FROM read_csv('/etc/passwd')", "Permission"),
+        ("COPY stats TO 'leak.csv'", "single SELECT"),
+        ("SELECT 1; SELECT 2", "single SELECT"),
+        ("ATTACH '/tmp/x.db'", "single SELECT"),
+        ("SELEC 1", "does not parse"),
+    ],
+)
+def test_run_store_sql_is_confined(tmp_path, sql, match):
+    make_trace().save(tmp_path / "a")
+    with pytest.raises(AttnscopeError, match=match):
+        RunStore(tmp_path).sql(sql)
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
+def test_run_names_cannot_escape_the_root(tmp_path):
+    make_trace().save(tmp_path / "root" / "a")
+    make_trace().save(tmp_path / "outside")
+    store = RunStore(tmp_path / "root")
+    with pytest.raises(AttnscopeError, match="no run named"):
+        store.load("../outside")
+    with pytest.raises(AttnscopeError, match="does not exist"):
+        RunStore(tmp_path / "missing")
