@@ -125,3 +125,19 @@ def test_errors_name_the_problem(lm):
         pass
     with pytest.raises(AttnscopeError, match="no attention call was captured"):
         cap.traces()
+
+
+def test_triton_backend_in_capture(lm):
+    """The fused kernels (interpreted on the CPU) give the same trace as the chunked backend."""
+    ids = prompt_ids(lm, 40, seed=5)
+    traces = {}
+    for backend in ("chunked", "triton"):
+        with torch.no_grad(), asc.capture(lm.model, backend=backend) as cap:
+            lm.model(input_ids=ids)
+        traces[backend] = cap.trace
+    assert traces["triton"].meta["backend"] == "triton"
+    for table in ("rows", "cols"):
+        for name, value in getattr(traces["chunked"], table).items():
+            torch.testing.assert_close(
+                getattr(traces["triton"], table)[name], value, atol=1e-4, rtol=1e-4, equal_nan=True
+            )

@@ -21,6 +21,12 @@ BACKENDS: dict[str, Callable[[StatsRequest], AttentionStats]] = {
     "dense": dense_stats,
     "chunked": chunked_stats,
 }
+try:  # the fused GPU kernels need triton (Linux; CUDA, or TRITON_INTERPRET=1 on the CPU)
+    from attnscope.kernels.triton_stats import triton_stats
+
+    BACKENDS["triton"] = triton_stats
+except ImportError:
+    pass
 
 
 def resolve_backend(backend: str, q: Tensor) -> str:

@@ -20,7 +20,7 @@ SPAN_PREFIX = "span_mass:"
 class StatsRequest:
     """Everything a backend needs, checked and normalised (positions always ``[B, T]`` int64)."""
 
-    q: Tensor  # [B, Hq, Tq, D]
+    q: Tensor  # [B, Hq, Tq, D], any float dtype (backends accumulate in fp32)
     k: Tensor  # [B, Hkv, Tk, D]
     q_pos: Tensor  # [B, Tq] absolute positions in the un-padded sequence
     k_pos: Tensor  # [B, Tk]
@@ -74,8 +74,8 @@ class StatsRequest:
         """Scaled (and soft-capped) fp32 scores, GQA-aware. ``[B, Hq, rows, keys]``."""
         b, hq, _, d = self.q.shape
         hkv = self.k.shape[1]
-        q = self.q[:, :, rows].reshape(b, hkv, self.groups, -1, d)  # [B, Hkv, G, r, D]
-        k = self.k[:, :, keys]  # [B, Hkv, k, D]
+        q = self.q[:, :, rows].float().reshape(b, hkv, self.groups, -1, d)  # [B, Hkv, G, r, D]
+        k = self.k[:, :, keys].float()  # [B, Hkv, k, D]
         s = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * self.scale  # [B, Hkv, G, r, k]
         s = s.reshape(b, hq, s.shape[-2], s.shape[-1])
         if self.softcap is not None:
@@ -141,9 +141,10 @@ def build_request(
     qp = _positions(q_pos, b, tq, "q_pos", q.device)
     if qp is None:
         qp = kp[:, tk - tq :] if tq <= tk else torch.arange(tq, device=q.device).expand(b, tq)
+        qp = qp.contiguous()
     return StatsRequest(
-        q=q.float(),
-        k=k.float(),
+        q=q,
+        k=k,
         q_pos=qp,
         k_pos=kp,
         mask=mask4,

@@ -1,0 +1,111 @@
+"""Triton backend in the interpreter (TRITON_INTERPRET=1, set by conftest) against the dense
+reference. Small shapes keep the interpreter fast."""
+
+import pytest
+import torch
+
+from attnscope import kernels
+from attnscope.errors import UnsupportedMetricError
+
+triton_stats = pytest.importorskip("attnscope.kernels.triton_stats")
+
+POISON = 12345.0
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every output buffer starts full of a sentinel, so an element no kernel wrote shows up."""
+
+    def alloc(*shape, device):
+        return torch.full(shape, POISON, device=device)
+
+    monkeypatch.setattr(triton_stats, "_alloc", alloc)
+
+
+def compare(q, k, atol=1e-4, rtol=1e-4, **kwargs):
+    got = kernels.attention_stats(q, k, backend="triton", **kwargs)
+    ref = kernels.attention_stats(q, k, backend="dense", **kwargs)
+    assert got.backend == "triton"
+    assert got.rows.keys() == ref.rows.keys() and got.cols.keys() == ref.cols.keys()
+    for kind, a, b in (("row", got.rows, ref.rows), ("col", got.cols, ref.cols)):
+        for name in b:
+            assert not (a[name] == POISON).any(), f"{kind} {name}: unwritten elements"
+            torch.testing.assert_close(
+                a[name],
+                b[name],
+                atol=atol,
+                rtol=rtol,
+                equal_nan=True,
+                msg=lambda m, n=name, t=kind: f"{t} {n}: {m}",
+            )
+    torch.testing.assert_close(got.lse, ref.lse, atol=atol, rtol=rtol, equal_nan=True)
+    return got
+
+
+CASES = {
+    "odd-L": dict(b=1, hq=2, hkv=2, tq=45, tk=45, d=16),
+    "gqa-4to1": dict(b=2, hq=4, hkv=1, tq=70, tk=70, d=32),
+    "head-dim-24": dict(b=1, hq=2, hkv=1, tq=33, tk=33, d=24),
+    "sliding": dict(b=1, hq=2, hkv=1, tq=100, tk=100, d=16, sliding_window=9),
+    "softcap": dict(b=1, hq=2, hkv=2, tq=40, tk=40, d=16, softcap=4.0),
+    "cross-Lq-ne-Lk": dict(b=1, hq=2, hkv=2, tq=19, tk=75, d=16, causal=False),
+    "decode-rows": dict(b=1, hq=4, hkv=2, tq=3, tk=66, d=16),
+    "spans-fai-rows": dict(
+        b=1,
+        hq=2,
+        hkv=1,
+        tq=64,
+        tk=64,
+        d=16,
+        sink_tokens=3,
+        window=4,
+        spans={"img": (5, 21), "tail": (50, 64)},
+        fai_horizon=(2, 8),
+        fai_rows=(20, 64),
+    ),
+    "fai-no-horizon": dict(b=1, hq=2, hkv=1, tq=50, tk=50, d=16, fai_horizon=None),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_triton_matches_dense_fp32(case):
+    case = dict(case)
+    b, hq, hkv, tq, tk, d = (case.pop(x) for x in ("b", "hq", "hkv", "tq", "tk", "d"))
+    q, k = torch.randn(b, hq, tq, d) * 2, torch.randn(b, hkv, tk, d) * 2
+    compare(q, k, **case)
+
+
+def test_triton_padding_and_fully_masked_rows():
+    q, k = torch.randn(2, 4, 48, 16), torch.randn(2, 1, 48, 16)
+    key_valid = torch.ones(2, 48, dtype=torch.bool)
+    key_valid[1, :13] = False  # left padding: the first 13 rows see nothing
+    got = compare(q, k, mask=key_valid)
+    assert got.rows["entropy"][1, :, :13].isnan().all()
+    assert not got.rows["entropy"][0].isnan().any()
+    full = torch.ones(1, 4, 30, 30, dtype=torch.bool).tril()
+    full[0, 2, 5] = False  # one row of one head masked entirely
+    got = compare(q[:1, :, :30], k[:1, :, :30], mask=full)
+    assert got.rows["waad"][0, 2, 5].isnan() and not got.rows["waad"][0, 1, 5].isnan()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision_inputs(dtype):
+    q, k = torch.randn(1, 4, 40, 16).to(dtype), torch.randn(1, 2, 40, 16).to(dtype)
+    got = compare(q, k, atol=1e-3, rtol=2e-2)
+    assert got.rows["entropy"].dtype == torch.float32
+
+
+def test_triton_refuses_without_cuda_or_interpreter(monkeypatch):
+    monkeypatch.setattr(triton_stats, "INTERPRET", False)
+    with pytest.raises(UnsupportedMetricError, match="CUDA"):
+        kernels.attention_stats(
+            torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), backend="triton"
+        )
+
+
+def test_triton_too_many_spans():
+    spans = {f"s{i}": (i, i + 1) for i in range(16)}
+    with pytest.raises(UnsupportedMetricError, match="at most 15 spans"):
+        kernels.attention_stats(
+            torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), backend="triton", spans=spans
+        )
