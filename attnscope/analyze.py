@@ -41,12 +41,14 @@ def analyze(
     fai_rows: tuple[int, int] | str | None = None,
     sink_tokens: int = 1,
     spans: Mapping[str, tuple[int, int]] | None = None,
+    keep_qk: Sequence[int] | bool = False,
     progress: bool = True,
 ) -> Trace:
     """Run ``lm`` on ``text`` (greedily generating ``generate`` tokens) and return its Trace.
 
     ``trace.spans`` holds ``prompt`` and, when generating, ``response``. ``fai_rows="response"``
-    restricts FAI to response rows, as in reasoning-trace analyses.
+    restricts FAI to response rows, as in reasoning-trace analyses. ``keep_qk`` keeps the
+    post-RoPE queries and keys of those layers (True: all) for attention heatmaps on demand.
     """
     if lm.kind not in ("causal-lm", "encoder"):
         raise AttnscopeError(

@@ -24,8 +24,16 @@ def _analyze(args: argparse.Namespace) -> int:
         raise RunExistsError(f"run directory {out} already exists; pass --overwrite to replace it")
     print(f"loading {args.model} ...", file=sys.stderr)
     lm = load(args.model)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    trace = analyze(lm, args.prompt, generate=args.generate, backend=args.backend, layers=layers)
+    layers = _int_list(args.layers)
+    keep_qk = True if args.keep_qk == "all" else (_int_list(args.keep_qk) or False)
+    trace = analyze(
+        lm,
+        args.prompt,
+        generate=args.generate,
+        backend=args.backend,
+        layers=layers,
+        keep_qk=keep_qk,
+    )
     trace.save(out, overwrite=args.overwrite)
     report = write_report(trace, out)
     groups = trace.head_groups()
@@ -42,6 +50,16 @@ def _analyze(args: argparse.Namespace) -> int:
     print(f"results: {out / 'stats.parquet'} and {out / 'trace.json'}")
     print(f"report:  {report.resolve()}")
     return 0
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    """``"0,3,5"`` -> [0, 3, 5]; a clear error for anything else."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError as err:
+        raise ValueError(f"expected comma-separated layer indices, got {text!r}") from err
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -80,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--backend", default="auto", help="auto | chunked | dense | triton")
     p.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
+    p.add_argument(
+        "--keep-qk",
+        default=None,
+        help="layers whose queries/keys are kept for heatmaps: 'all' or '0,5,11'",
+    )
     p.set_defaults(func=_analyze)
 
     p = sub.add_parser("models", help="list model aliases and whether their cache is built")

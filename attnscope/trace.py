@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from attnscope import metrics
@@ -20,6 +22,7 @@ from attnscope.errors import AttnscopeError
 FORMAT_VERSION = 1
 TRACE_FILE = "trace.json"
 STATS_FILE = "stats.parquet"
+QK_FILE = "qk.safetensors"
 INDEX_COLUMNS = ("layer", "head", "position", "token")
 
 
@@ -33,6 +36,8 @@ class Trace:
     rows: dict[str, Tensor]  # per-query metrics, [n_layers, n_heads, T]
     cols: dict[str, Tensor]  # per-key metrics, [n_layers, n_heads, T]
     meta: dict[str, Any] = field(default_factory=dict)
+    # layer -> (q [Hq, T, D], k [Hkv, T, D]) post-RoPE, kept only when asked (capture(keep_qk=...))
+    qk: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
@@ -98,6 +103,13 @@ class Trace:
 
         def fill(tmp: Path) -> None:
             pq.write_table(self.to_arrow(), tmp / STATS_FILE, compression="zstd")
+            if self.qk:
+                tensors = {
+                    f"{kind}.{layer}": t.contiguous()
+                    for layer, pair in self.qk.items()
+                    for kind, t in zip("qk", pair, strict=True)
+                }
+                save_file(tensors, tmp / QK_FILE)
             (tmp / TRACE_FILE).write_text(json.dumps(self._header(), indent=1))
 
         return write_dir_atomically(Path(path), fill, overwrite=overwrite)
@@ -114,6 +126,22 @@ class Trace:
             "col_metrics": list(self.cols),
             "meta": self.meta,
         }
+
+    @staticmethod
+    def load_qk(path: str | Path, layer: int) -> tuple[Tensor, Tensor]:
+        """Queries ``[Hq, T, D]`` and keys ``[Hkv, T, D]`` of one layer of a saved run, read
+        lazily from ``qk.safetensors`` (runs analysed with ``keep_qk``)."""
+        file = Path(path) / QK_FILE
+        if not file.is_file():
+            raise AttnscopeError(
+                f"{path} holds no queries/keys: analyse with keep_qk=[layers] (CLI: --keep-qk)"
+            )
+        with safe_open(str(file), framework="pt") as f:
+            names = f.keys()  # safe_open is not a mapping
+            if f"q.{layer}" not in names:
+                kept = sorted({int(n.split(".")[1]) for n in names})
+                raise AttnscopeError(f"{path} keeps queries/keys of layers {kept}, not {layer}")
+            return f.get_tensor(f"q.{layer}"), f.get_tensor(f"k.{layer}")
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:

@@ -141,3 +141,30 @@ def test_triton_backend_in_capture(lm):
             torch.testing.assert_close(
                 getattr(traces["triton"], table)[name], value, atol=1e-4, rtol=1e-4, equal_nan=True
             )
+
+
+def test_kept_queries_and_keys_rebuild_eager_attention(lm, tmp_path):
+    """q/k kept during generate(), saved and lazily reloaded, give eager attention tiles back."""
+    from attnscope.kernels.tiles import attention_tile
+
+    ids = prompt_ids(lm, 20, seed=6)
+    with torch.no_grad(), asc.capture(lm.model, keep_qk=[1]) as cap:
+        out = lm.model.generate(
+            ids, max_new_tokens=10, do_sample=False, return_dict_in_generate=True
+        )
+    trace = cap.trace
+    n = len(trace)
+    assert set(trace.qk) == {1} and trace.qk[1][0].shape[:2] == (trace.n_heads, n)
+    trace.save(tmp_path / "run")
+    q, k = asc.Trace.load_qk(tmp_path / "run", 1)
+    params = asc.Trace.load(tmp_path / "run").meta["qk_attention"]["1"]
+    attn = eager_attentions(lm.model, input_ids=out.sequences[:, :n])[1][0]  # [H, T, T]
+    for head in range(trace.n_heads):
+        tile = attention_tile(
+            q, k, head, (5, n), (0, n), scale=params["scale"], causal=params["causal"]
+        )
+        torch.testing.assert_close(tile, attn[head, 5:n], atol=1e-5, rtol=1e-5)
+    pooled = attention_tile(q, k, 0, (0, n), (0, n), scale=params["scale"], pool=4)
+    torch.testing.assert_close(pooled[0, 0], attn[0, :4, :4].mean(), atol=1e-6, rtol=1e-5)
+    with pytest.raises(AttnscopeError, match="layers \\[1\\], not 0"):
+        asc.Trace.load_qk(tmp_path / "run", 0)

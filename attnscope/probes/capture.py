@@ -41,6 +41,7 @@ class Capture:
         sink_tokens: int = 1,
         spans: Mapping[str, tuple[int, int]] | None = None,
         tokenizer: Any = None,
+        keep_qk: Iterable[int] | bool = False,
     ) -> None:
         if not hasattr(model, "set_attn_implementation"):
             raise AttnscopeError(
@@ -56,6 +57,7 @@ class Capture:
         self.metrics = _normalise_metrics(metrics, self.spans)
         self.layers = None if layers is None else set(layers)
         self.tokenizer = tokenizer
+        self.keep_qk = keep_qk if isinstance(keep_qk, bool) else set(keep_qk)
         self.params = dict(
             backend=backend,
             window=window,
@@ -129,7 +131,7 @@ class Capture:
             query.detach(),
             key.detach(),
             causal=rec.causal,
-            scale=getattr(module, "scaling", None) if scaling is None else scaling,
+            scale=stats_scale(query, module, scaling),
             window=self.params["window"],
             fai_horizon=self.params["fai_horizon"],
             fai_rows=self.params["fai_rows"],
@@ -145,6 +147,14 @@ class Capture:
         )
         self.backend_used = stats.backend
         rec.add(q_index, k_index, stats)
+        if self.keep_qk is True or (self.keep_qk and layer in self.keep_qk):
+            rec.keep_qk(q_index, query, key, k_index)
+            rec.attention = dict(
+                scale=stats_scale(query, module, scaling),
+                causal=rec.causal,
+                sliding_window=kwargs.get("sliding_window"),
+                softcap=kwargs.get("softcap"),
+            )
 
     # -- results --------------------------------------------------------------------------------
     def stacks(self) -> list[str]:
@@ -193,6 +203,11 @@ class Capture:
                 counts = rec.col_counts.get(name)
                 final = finish_column(name, total[b], None if counts is None else counts[b])
                 cols.setdefault(name, []).append(_fit(final[..., pad:], n_tokens))
+        qk = {}
+        for rec in recs:
+            if rec.qk_steps:
+                q, k = rec.qk()
+                qk[stack_of(rec.name)[1]] = (q[b, :, pad:], k[b, :, pad:])
         token_ids = [] if ids is None else ids[b, pad : pad + n_tokens].tolist()
         if self.tokenizer is not None and token_ids:
             tokens = self.tokenizer.convert_ids_to_tokens(token_ids)
@@ -213,8 +228,10 @@ class Capture:
                 "modules": [r.name for r in recs],
                 "backend": self.backend_used,
                 "metrics": list(self.metrics),
+                "qk_attention": {str(stack_of(r.name)[1]): r.attention for r in recs if r.qk_steps},
                 **{k: v for k, v in self.params.items() if k != "backend"},
             },
+            qk=qk,
         )
 
 
@@ -226,6 +243,13 @@ def capture(
 ) -> Capture:
     """``with capture(model) as cap: model(**inputs)`` then ``cap.trace``. See ``Capture``."""
     return Capture(model, metrics, layers, **kwargs)
+
+
+def stats_scale(query: Tensor, module: torch.nn.Module, scaling: float | None) -> float:
+    """The softmax scale the layer uses: the call's ``scaling``, the module's, or 1/sqrt(d)."""
+    if scaling is not None:
+        return float(scaling)
+    return float(getattr(module, "scaling", None) or query.shape[-1] ** -0.5)
 
 
 def _fit(col: Tensor, n: int) -> Tensor:

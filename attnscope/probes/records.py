@@ -33,6 +33,20 @@ class ModuleRecord:
     row_steps: list[tuple[Tensor, dict[str, Tensor]]] = field(default_factory=list)
     col_sums: dict[str, Tensor] = field(default_factory=dict)  # [B, H, N]
     col_counts: dict[str, Tensor] = field(default_factory=dict)  # [B, 1|H, N]
+    qk_steps: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # index, q, k
+    attention: dict = field(default_factory=dict)  # scale, softcap, sliding_window, causal
+
+    def keep_qk(self, q_index: Tensor, query: Tensor, key: Tensor, k_index: Tensor) -> None:
+        """Keep the post-RoPE queries ``[B, Hq, Tq, D]`` and the keys of the new tokens."""
+        new = (k_index >= q_index.min()) & (k_index <= q_index.max())
+        self.qk_steps.append((q_index.cpu(), query.detach().cpu(), key[:, :, new].detach().cpu()))
+
+    def qk(self) -> tuple[Tensor, Tensor]:
+        """Queries ``[B, Hq, N, D]`` and keys ``[B, Hkv, N, D]`` of all tokens, in index order."""
+        order = torch.argsort(torch.cat([i for i, _, _ in self.qk_steps]), stable=True)
+        q = torch.cat([q for _, q, _ in self.qk_steps], dim=2)[:, :, order]
+        k = torch.cat([k for _, _, k in self.qk_steps], dim=2)[:, :, order]
+        return q, k
 
     def add(self, q_index: Tensor, k_index: Tensor, stats: AttentionStats) -> None:
         """Store rows at query indices ``[Tq]`` and add columns at key indices ``[Tk]``."""

@@ -1,0 +1,68 @@
+"""Attention tiles on demand: exact probabilities for a window of rows and keys, block-pooled.
+
+For viewers: one head's attention over a window of a long run, from stored queries and keys,
+without ever holding more than ``rows x T`` scores.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnscope.errors import ShapeError
+from attnscope.kernels.request import build_request
+
+
+def attention_tile(
+    q: Tensor,
+    k: Tensor,
+    head: int,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    pool: int = 1,
+) -> Tensor:
+    """Probabilities of query rows ``[r0, r1)`` over keys ``[c0, c1)`` for one head, normalised
+    over all keys each row sees, then mean-pooled in ``pool x pool`` blocks.
+
+    q ``[Hq, T, D]``, k ``[Hkv, T, D]`` (one sequence, positions 0..T-1). Returns
+    ``[ceil((r1-r0)/pool), ceil((c1-c0)/pool)]`` float32.
+    """
+    hq, t = q.shape[0], q.shape[1]
+    if not 0 <= head < hq:
+        raise ShapeError(f"head {head} outside 0..{hq - 1}")
+    (r0, r1), (c0, c1) = rows, cols
+    if not (0 <= r0 < r1 <= t and 0 <= c0 < c1 <= k.shape[1]):
+        raise ShapeError(f"window rows {rows} x cols {cols} outside the run's {t} tokens")
+    if pool < 1:
+        raise ValueError(f"pool must be >= 1, got {pool}")
+    group = hq // k.shape[0]
+    qh = q[head : head + 1, r0:r1][None]  # [1, 1, r, D]
+    kh = k[head // group : head // group + 1][None]  # [1, 1, T, D]
+    req = build_request(
+        qh,
+        kh,
+        causal=causal,
+        scale=scale,
+        window=1,
+        fai_horizon=None,
+        fai_rows=None,
+        sink_tokens=0,
+        spans=None,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        mask=None,
+        q_pos=torch.arange(r0, r1),
+        k_pos=torch.arange(k.shape[1]),
+        metrics=[],
+    )
+    everything = slice(None)
+    s = req.scores(everything).masked_fill(~req.allowed(everything), float("-inf"))
+    probs = torch.softmax(s, -1)[0, 0, :, c0:c1].nan_to_num()  # [r, c]
+    if pool == 1:
+        return probs
+    return torch.nn.functional.avg_pool2d(probs[None, None], pool, ceil_mode=True)[0, 0]
