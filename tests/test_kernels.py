@@ -68,25 +68,7 @@ def test_chunked_equals_dense(case, block_elements):
     case = dict(case)
     b, hq, hkv, tq, tk, d = (case.pop(k) for k in ("b", "hq", "hkv", "tq", "tk", "d"))
     q, k = torch.randn(b, hq, tq, d) * 2, torch.randn(b, hkv, tk, d) * 2
-    kwargs = (
-        dict(
-            causal=True,
-            scale=None,
-            window=10,
-            fai_horizon=(10, 100),
-            fai_rows=None,
-            sink_tokens=1,
-            spans=None,
-            sliding_window=None,
-            softcap=None,
-            mask=None,
-            q_pos=None,
-            k_pos=None,
-            metrics=None,
-        )
-        | case
-    )
-    req = build_request(q, k, **kwargs)
+    req = build_request(q, k, **case)
     dense = kernels.attention_stats(q, k, backend="dense", **case)
     assert_same_stats(dense, chunked_stats(req, block_elements=block_elements))
 
@@ -189,23 +171,7 @@ def test_chunked_memory_is_blockwise():
 
     torch.Tensor.masked_fill = spy
     try:
-        req = build_request(
-            q,
-            k,
-            causal=True,
-            scale=None,
-            window=10,
-            fai_horizon=(10, 100),
-            fai_rows=None,
-            sink_tokens=1,
-            spans=None,
-            sliding_window=None,
-            softcap=None,
-            mask=None,
-            q_pos=None,
-            k_pos=None,
-            metrics=None,
-        )
+        req = build_request(q, k)
         chunked_stats(req, block_elements=2 * 32 * 256)
     finally:
         torch.Tensor.masked_fill = original

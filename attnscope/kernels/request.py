@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from attnscope.errors import ShapeError, UnsupportedMetricError
-from attnscope.metrics.dense import check_horizon
+from attnscope.metrics.dense import FAI_HORIZON, WAAD_WINDOW, check_horizon
 
 ROW_METRICS = ("entropy", "mean_distance", "waad", "sink_mass", "max_attention")
 COL_METRICS = ("received", "fai", "sink_score")
@@ -87,21 +87,22 @@ def build_request(
     q: Tensor,
     k: Tensor,
     *,
-    causal: bool,
-    scale: float | None,
-    window: int,
-    fai_horizon: tuple[int, int] | None,
-    fai_rows: tuple[int, int] | None,
-    sink_tokens: int,
-    spans: Mapping[str, tuple[int, int]] | None,
-    sliding_window: int | None,
-    softcap: float | None,
-    mask: Tensor | None,
-    q_pos: Tensor | None,
-    k_pos: Tensor | None,
-    metrics: Sequence[str] | None,
+    causal: bool = True,
+    scale: float | None = None,
+    window: int = WAAD_WINDOW,
+    fai_horizon: tuple[int, int] | None = FAI_HORIZON,
+    fai_rows: tuple[int, int] | None = None,
+    sink_tokens: int = 1,
+    spans: Mapping[str, tuple[int, int]] | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    mask: Tensor | None = None,
+    q_pos: Tensor | None = None,
+    k_pos: Tensor | None = None,
+    metrics: Sequence[str] | None = None,
 ) -> StatsRequest:
-    """Check shapes and parameters; name the problem in every error."""
+    """Check shapes and parameters (defaults as ``attention_stats``); name the problem in every
+    error."""
     if q.dim() != 4 or k.dim() != 4:
         raise ShapeError(
             f"q and k must be 4-D [B, H, T, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}"

@@ -61,18 +61,11 @@ def capture_lens(
             req = build_request(
                 shape_only,
                 shape_only,
-                causal=True,
                 scale=1.0,
                 window=window,
                 fai_horizon=fai_horizon,
                 fai_rows=fai_rows,
                 sink_tokens=sink_tokens,
-                spans=None,
-                sliding_window=None,
-                softcap=None,
-                mask=None,
-                q_pos=None,
-                k_pos=None,
                 metrics=metrics,
             )
             allowed = pattern > 0  # what the model let each query see
