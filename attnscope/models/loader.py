@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from attnscope.errors import ModelNotFoundError
 from attnscope.models.loaded import Kind, LoadedModel
+from attnscope.models.processors import Qwen2VLImageTextProcessor
 from attnscope.models.registry import ALIASES, get_alias
 
 _MODEL_CLASS: dict[Kind, str] = {
@@ -77,16 +78,26 @@ def load(
         local_files_only=local_only,
         **model_kwargs,
     ).eval()
-    tokenizer, processor = _load_preprocessors(path, kind, local_only)
+    tokenizer, processor = _load_preprocessors(path, config, kind, local_only)
     model.attnscope_load_seconds = time.perf_counter() - start
     return LoadedModel(model, tokenizer, processor, kind, name, source)
 
 
-def _load_preprocessors(path: str | Path, kind: Kind, local_only: bool) -> tuple[Any, Any | None]:
-    if kind in ("vlm", "speech"):
+def _load_preprocessors(
+    path: str | Path, config: PretrainedConfig, kind: Kind, local_only: bool
+) -> tuple[Any, Any | None]:
+    if kind not in ("vlm", "speech"):
+        return AutoTokenizer.from_pretrained(path, local_files_only=local_only), None
+    try:
         processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=local_only)
-        return getattr(processor, "tokenizer", None), processor
-    return AutoTokenizer.from_pretrained(path, local_files_only=local_only), None
+    except ImportError:  # Qwen2-VL's processor needs torchvision in transformers 5.23
+        if config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+            raise
+        processor = Qwen2VLImageTextProcessor(
+            AutoTokenizer.from_pretrained(path, local_files_only=local_only),
+            transformers.AutoImageProcessor.from_pretrained(path, local_files_only=local_only),
+        )
+    return getattr(processor, "tokenizer", None), processor
 
 
 def _looks_like_hf_id(name: str) -> bool:
