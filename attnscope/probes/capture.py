@@ -161,6 +161,11 @@ class Capture:
         """Templates of the captured module stacks, e.g. ``model.layers.{}.self_attn``."""
         return list(dict.fromkeys(stack_of(n)[0] for n in self.records))
 
+    def default_stack(self) -> str:
+        """The text decoder when there is one (causal self-attention), else the first stack."""
+        causal = [stack_of(n)[0] for n, r in self.records.items() if r.causal]
+        return causal[0] if causal else self.stacks()[0]
+
     def traces(self, stack: str | None = None) -> list[Trace]:
         """One Trace per sequence of the batch (padding dropped) for one stack of modules."""
         if not self.records:
@@ -169,7 +174,7 @@ class Capture:
                 "(and check that `layers` names existing layer indices)"
             )
         stacks = self.stacks()
-        stack = stack or stacks[0]
+        stack = stack or self.default_stack()
         if stack not in stacks:
             raise AttnscopeError(f"unknown stack {stack!r}; captured stacks: {stacks}")
         recs = sorted(
@@ -208,11 +213,12 @@ class Capture:
             if rec.qk_steps:
                 q, k = rec.qk()
                 qk[stack_of(rec.name)[1]] = (q[b, :, pad:], k[b, :, pad:])
-        token_ids = [] if ids is None else ids[b, pad : pad + n_tokens].tolist()
+        own_tokens = ids is not None and ids.shape[1] - pad == n_tokens  # not a vision tower
+        token_ids = ids[b, pad:].tolist() if own_tokens else []
         if self.tokenizer is not None and token_ids:
             tokens = self.tokenizer.convert_ids_to_tokens(token_ids)
         else:
-            tokens = [str(i) for i in token_ids] or [str(i) for i in range(n_tokens or 0)]
+            tokens = [str(i) for i in token_ids] or [f"#{i}" for i in range(n_tokens or 0)]
         return Trace(
             tokens=tokens,
             token_ids=token_ids,
