@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import fmt_time, max_rel_diff, measure, ratio, run_child, write_section
+from harness import fmt_time, max_rel_diff, measure, page_in, ratio, run_child, write_section
 
 TEXT = (
     "The history of the lighthouse begins with fires lit on hilltops to guide ships home. "
@@ -62,6 +62,7 @@ def child(side: str, n: int, reps: int, out: str) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     if side == "attnscope":
         lm = asc.load("gemma3-270m")
+        page_in(lm.model)
         ids = token_ids(lm.tokenizer, n)
 
         def work():
@@ -77,6 +78,7 @@ def child(side: str, n: int, reps: int, out: str) -> None:
 
         disable_torchvision_autoinstall()
         lm = asc.load("gemma3-270m", attn_implementation="eager")
+        page_in(lm.model)
         bridge = TransformerBridge.boot_transformers(
             str(ALIASES["gemma3-270m"].locate()), hf_model=lm.model, tokenizer=lm.tokenizer
         )

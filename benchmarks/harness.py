@@ -47,6 +47,16 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
+def page_in(model) -> None:
+    """Touch every weight so memory-mapped safetensors pages count in the baseline RSS, not in
+    the first measured run."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
+
+
 def measure(work: Callable[[], object], reps: int) -> dict:
     """Warm up once, then time ``reps`` runs; report times, net peak RSS and the last result."""
     import gc
