@@ -28,11 +28,18 @@ def token_strip(trace: Trace, names: tuple[str, ...] = STRIP_METRICS) -> go.Figu
     labels = [f"{i}: {t}" for i, t in enumerate(trace.tokens)]
     for row, name in enumerate(names, start=1):
         values = {**trace.rows, **trace.cols}[name]
-        mean = torch.nanmean(values.flatten(0, 1), dim=0).numpy()  # [T]
+        mean = torch.nanmean(values.flatten(0, 1), dim=0)  # [T]
+        finite = mean[1:][~mean[1:].isnan()]  # the first token (often a sink) would set the scale
+        scale = (
+            dict(zmin=float(finite.min()), zmax=float(torch.quantile(finite, 0.98)))
+            if finite.numel()
+            else {}
+        )
         fig.add_trace(
             go.Heatmap(
-                z=[mean],
+                z=[mean.numpy()],
                 x=list(range(len(mean))),
+                **scale,
                 text=[labels],
                 colorscale="Viridis",
                 hovertemplate="%{text}<br>" + name + " = %{z:.4f}<extra></extra>",
@@ -58,7 +65,7 @@ def head_maps(trace: Trace) -> go.Figure:
         "sink score of token 0": trace.cols["sink_score"][..., 0],
     }
     fig = make_subplots(
-        rows=1, cols=len(panels), subplot_titles=list(panels), horizontal_spacing=0.08
+        rows=1, cols=len(panels), subplot_titles=list(panels), horizontal_spacing=0.1
     )
     groups = trace.head_groups()
     for col, z in enumerate(panels.values(), start=1):
@@ -74,8 +81,7 @@ def head_maps(trace: Trace) -> go.Figure:
                 text=text,
                 colorscale="Magma",
                 hovertemplate="%{y} %{x}: %{z:.3f}<br>%{text}<extra></extra>",
-                colorbar=dict(x=col / len(panels) - 0.02, len=0.9),
-                showscale=True,
+                colorbar=dict(x=fig.layout[f"xaxis{col}"].domain[1] + 0.005, len=0.9, thickness=12),
             ),
             row=1,
             col=col,
@@ -103,7 +109,16 @@ def write_report(trace: Trace, run_dir: Path) -> Path:
         f"<p>{len(trace)} tokens, {len(trace.layers)} layers x {trace.n_heads} heads; "
         f"backend {html.escape(str(trace.meta.get('backend')))}; "
         f"sink heads (alpha_0 &gt; 0.3): {int(sink.sum())} of {sink.numel()}.</p>"
-        f"<pre style='white-space:pre-wrap'>{html.escape(_text_of(trace))}</pre>"
+        f"<h3>Prompt</h3><pre style='white-space:pre-wrap'>"
+        f"{html.escape(str(trace.meta.get('text', '')))}</pre>"
+        + (
+            f"<h3>Generated</h3><pre style='white-space:pre-wrap'>"
+            f"{html.escape(trace.meta['generated_text'])}</pre>"
+            if trace.meta.get("generated_text")
+            else ""
+        )
+        + "<p>The token strip's colour scales leave out the first token, often an attention sink "
+        "that would dwarf the rest (hover shows every value).</p>"
     )
     figures = [token_strip(trace), head_maps(trace)]
     body = "".join(
@@ -117,9 +132,3 @@ def write_report(trace: Trace, run_dir: Path) -> Path:
         f"</head><body style='font-family:sans-serif'>{summary}{body}</body></html>",
     )
     return path
-
-
-def _text_of(trace: Trace) -> str:
-    prompt = trace.meta.get("text", "")
-    generated = trace.meta.get("generated_text", "")
-    return f"{prompt}[{generated}]" if generated else str(prompt)
