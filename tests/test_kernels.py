@@ -176,3 +176,21 @@ def test_chunked_memory_is_blockwise():
     finally:
         torch.Tensor.masked_fill = original
     assert seen and max(seen) <= 2 * 32 * 256 < 2 * 256 * 256
+
+
+def test_float_mask_bias_edits_the_scores():
+    """A float mask adds to the scores (interventions); very negative entries block keys."""
+    q, k = torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    bias = torch.zeros(1, 2, 12, 12)
+    bias[0, 1, :, 3] = 2.5  # head 1: every query looks more at key 3
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    mask = bias.masked_fill(~causal, torch.finfo(torch.float32).min)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(8) + bias).masked_fill(~causal, float("-inf"))
+    attn = torch.softmax(scores, -1)
+    for backend in ("dense", "chunked"):
+        st = kernels.attention_stats(q, k, mask=mask, backend=backend)
+        torch.testing.assert_close(st.rows["entropy"], metrics.entropy(attn), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(st.cols["received"], metrics.received(attn), atol=ATOL,
+                                   rtol=RTOL)
+    with pytest.raises(UnsupportedMetricError, match="chunked"):
+        kernels.attention_stats(q, k, mask=mask, backend="triton")

@@ -25,6 +25,7 @@ class StatsRequest:
     q_pos: Tensor  # [B, Tq] absolute positions in the un-padded sequence
     k_pos: Tensor  # [B, Tk]
     mask: Tensor | None  # bool [B, 1|Hq, Tq, Tk] True = attend, or None
+    bias: Tensor | None  # float [B, 1|Hq, Tq, Tk] added to the scores (a float mask's finite part)
     key_valid: Tensor | None  # bool [B, Tk] False = padding key, or None
     causal: bool
     scale: float
@@ -80,6 +81,8 @@ class StatsRequest:
         s = s.reshape(b, hq, s.shape[-2], s.shape[-1])
         if self.softcap is not None:
             s = torch.tanh(s / self.softcap) * self.softcap
+        if self.bias is not None:
+            s = s + self.bias[:, :, rows, keys]
         return s
 
 
@@ -132,7 +135,7 @@ def build_request(
             raise ValueError(f"span {name!r} has end {end} < start {start}")
     requested = _normalise_metrics(metrics, spans)
 
-    key_valid, mask4 = _split_mask(mask, b, hq, tq, tk)
+    key_valid, mask4, bias = _split_mask(mask, b, hq, tq, tk)
     kp = _positions(k_pos, b, tk, "k_pos", q.device)
     if kp is None:
         if key_valid is not None:  # left padding: count real tokens only
@@ -149,6 +152,7 @@ def build_request(
         q_pos=qp,
         k_pos=kp,
         mask=mask4,
+        bias=bias,
         key_valid=key_valid,
         causal=causal,
         scale=float(d**-0.5 if scale is None else scale),
@@ -179,34 +183,34 @@ def _normalise_metrics(metrics: Sequence[str] | None, spans: dict) -> tuple[str,
 
 def _split_mask(
     mask: Tensor | None, b: int, hq: int, tq: int, tk: int
-) -> tuple[Tensor | None, Tensor | None]:
-    """A 2-D mask ``[B, Tk]`` is key padding; a 4-D one ``[B, 1|Hq, Tq, Tk]`` is a full mask.
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Split a mask into key padding ``[B, Tk]``, a bool mask and an additive score bias.
 
-    Float masks are additive (0 = attend, -inf = blocked); bool and int masks mark attended keys.
+    A 2-D mask is key padding; a 4-D one ``[B, 1|Hq, Tq, Tk]`` is a full mask. Bool and int masks
+    mark attended keys. Float masks are additive: very negative entries block a key, and finite
+    non-zero entries (interventions that edit pre-softmax scores) are kept as a bias.
     """
     if mask is None:
-        return None, None
-    if mask.is_floating_point() and mask.dim() == 4:
-        mask = mask > torch.finfo(mask.dtype).min / 2
-    mask = mask.bool()
+        return None, None, None
     if mask.dim() == 2:
         if mask.shape != (b, tk):
             raise ShapeError(f"2-D mask must be [B, Tk] = {(b, tk)}, got {tuple(mask.shape)}")
-        return mask, None
-    if (
+        return mask.bool(), None, None
+    if not (
         mask.dim() == 4
         and mask.shape[0] == b
         and mask.shape[1] in (1, hq)
-        and mask.shape[2:]
-        == (
-            tq,
-            tk,
-        )
+        and mask.shape[2:] == (tq, tk)
     ):
-        return None, mask
-    raise ShapeError(
-        f"mask must be [B, Tk] or [B, 1|Hq, Tq, Tk] = [{b}, 1|{hq}, {tq}, {tk}]; got {tuple(mask.shape)}"
-    )
+        raise ShapeError(
+            f"mask must be [B, Tk] or [B, 1|Hq, Tq, Tk] = [{b}, 1|{hq}, {tq}, {tk}]; "
+            f"got {tuple(mask.shape)}"
+        )
+    if not mask.is_floating_point():
+        return None, mask.bool(), None
+    allowed = mask > torch.finfo(mask.dtype).min / 2
+    bias = torch.where(allowed, mask, 0).float()
+    return None, allowed, (bias if bool(bias.any()) else None)
 
 
 def _positions(pos: Tensor | None, b: int, t: int, name: str, device) -> Tensor | None:

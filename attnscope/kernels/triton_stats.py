@@ -372,6 +372,11 @@ def triton_stats(req: StatsRequest) -> AttentionStats:
             "the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for testing); "
             "use backend='chunked' on the CPU"
         )
+    if req.bias is not None:
+        raise UnsupportedMetricError(
+            "the triton backend takes boolean masks only; additive score biases (attention "
+            "interventions) are computed by backend='chunked'"
+        )
     if len(req.spans) > MAX_SPANS:
         raise UnsupportedMetricError(
             f"the triton backend computes at most {MAX_SPANS} spans, got {len(req.spans)}; "
