@@ -76,6 +76,7 @@ def analyze(
         sink_tokens=sink_tokens,
         spans=spans,
         tokenizer=tok,
+        keep_qk=keep_qk,
     )
     start = time.perf_counter()
     with torch.no_grad(), cap:

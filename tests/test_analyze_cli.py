@@ -94,6 +94,11 @@ def test_cli_analyze_models_query(cache_dir, tmp_path, capsys):
     assert main([*args, "--overwrite"]) == 0
     capsys.readouterr()
 
+    assert main([*args, "--overwrite", "--keep-qk", "0,1"]) == 0
+    capsys.readouterr()
+    q, k = asc.Trace.load_qk(out, 1)
+    assert q.shape[1] == k.shape[1] == len(asc.Trace.load(out))
+
     assert main(["models"]) == 0
     listing = capsys.readouterr().out
     assert "gemma3-270m" in listing and "whisper-tiny-en" in listing
