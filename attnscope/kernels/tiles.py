@@ -13,6 +13,41 @@ from attnscope.errors import ShapeError
 from attnscope.kernels.request import build_request
 
 
+def row_probabilities(
+    q: Tensor,
+    k: Tensor,
+    head: int,
+    positions: Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> Tensor:
+    """Probabilities of the query rows at ``positions`` over all keys for one head.
+
+    q ``[Hq, T, D]``, k ``[Hkv, Tk, D]`` (one sequence, positions 0..T-1). ``[len(positions), Tk]``;
+    rows that see no key are all zeros.
+    """
+    if not 0 <= head < q.shape[0]:
+        raise ShapeError(f"head {head} outside 0..{q.shape[0] - 1}")
+    group = q.shape[0] // k.shape[0]
+    req = build_request(
+        q[head, positions][None, None],  # [1, 1, r, D]
+        k[head // group][None, None],  # [1, 1, Tk, D]
+        causal=causal,
+        scale=scale,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        q_pos=positions,
+        k_pos=torch.arange(k.shape[1]),
+        metrics=[],
+    )
+    everything = slice(None)
+    s = req.scores(everything).masked_fill(~req.allowed(everything), float("-inf"))
+    return torch.softmax(s, -1)[0, 0].nan_to_num()
+
+
 def attention_tile(
     q: Tensor,
     k: Tensor,
@@ -32,31 +67,22 @@ def attention_tile(
     q ``[Hq, T, D]``, k ``[Hkv, T, D]`` (one sequence, positions 0..T-1). Returns
     ``[ceil((r1-r0)/pool), ceil((c1-c0)/pool)]`` float32.
     """
-    hq, t = q.shape[0], q.shape[1]
-    if not 0 <= head < hq:
-        raise ShapeError(f"head {head} outside 0..{hq - 1}")
+    t = q.shape[1]
     (r0, r1), (c0, c1) = rows, cols
     if not (0 <= r0 < r1 <= t and 0 <= c0 < c1 <= k.shape[1]):
         raise ShapeError(f"window rows {rows} x cols {cols} outside the run's {t} tokens")
     if pool < 1:
         raise ValueError(f"pool must be >= 1, got {pool}")
-    group = hq // k.shape[0]
-    qh = q[head : head + 1, r0:r1][None]  # [1, 1, r, D]
-    kh = k[head // group : head // group + 1][None]  # [1, 1, T, D]
-    req = build_request(
-        qh,
-        kh,
-        causal=causal,
+    probs = row_probabilities(
+        q,
+        k,
+        head,
+        torch.arange(r0, r1),
         scale=scale,
+        causal=causal,
         sliding_window=sliding_window,
         softcap=softcap,
-        q_pos=torch.arange(r0, r1),
-        k_pos=torch.arange(k.shape[1]),
-        metrics=[],
-    )
-    everything = slice(None)
-    s = req.scores(everything).masked_fill(~req.allowed(everything), float("-inf"))
-    probs = torch.softmax(s, -1)[0, 0, :, c0:c1].nan_to_num()  # [r, c]
+    )[:, c0:c1]  # [r, c]
     if pool == 1:
         return probs
     return torch.nn.functional.avg_pool2d(probs[None, None], pool, ceil_mode=True)[0, 0]

@@ -1,0 +1,280 @@
+"""What the explorer shows, computed from one run at a time (RunStore + Trace, no Dash).
+
+Runs are read on demand and kept in small LRU caches keyed by path and ``trace.json``
+modification time, so a run replaced on disk is read again and a corpus is never loaded whole.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from attnscope.errors import AttnscopeError
+from attnscope.kernels.tiles import attention_tile, row_probabilities
+from attnscope.store import RunInfo, RunStore
+from attnscope.trace import TRACE_FILE, Trace
+
+MAX_CELLS = 256  # the heatmap is pooled to at most MAX_CELLS x MAX_CELLS blocks
+SCORE_BUDGET = 2**24  # scores (rows x keys) computed per heatmap view; beyond it rows are sampled
+CHUNK_SCORES = 2**23  # scores held at once while computing a heatmap
+ALL_LAYERS = "all"
+
+
+def fmt(value: float) -> str:
+    """The one number format of the explorer (tables, titles, tests)."""
+    return f"{value:.4f}"
+
+
+def error_text(err: Exception) -> str:
+    """A message for the page: attnscope errors speak for themselves, others name their type."""
+    return str(err) if isinstance(err, AttnscopeError) else f"{type(err).__name__}: {err}"
+
+
+def list_runs(store: RunStore) -> list[RunInfo]:
+    """The store's runs; an unreadable header becomes an error naming the root."""
+    try:
+        return store.runs()
+    except (OSError, ValueError, KeyError) as err:
+        raise AttnscopeError(f"cannot list the runs under {store.root}: {error_text(err)}") from err
+
+
+def empty_root_message(store: RunStore) -> str:
+    return (
+        f"No runs under {store.root}. Write one with: attnscope analyze --model gemma3-270m "
+        f"--generate 64 --keep-qk all --out {store.root / 'demo'}"
+    )
+
+
+# -- reading runs ----------------------------------------------------------------------------
+def load_run(store: RunStore, name: str) -> Trace:
+    """The run ``name`` (confined to the store's root by ``path_of``), cached."""
+    path = store.path_of(name)
+    return _read_trace(path, _stamp(path))
+
+
+def load_qk(store: RunStore, name: str, layer: int) -> tuple[Tensor, Tensor]:
+    """Stored queries ``[Hq, T, D]`` and keys ``[Hkv, T, D]`` of one layer, cached."""
+    path = store.path_of(name)
+    return _read_qk(path, _stamp(path), layer)
+
+
+def _stamp(path: Path) -> int:
+    return (path / TRACE_FILE).stat().st_mtime_ns
+
+
+@lru_cache(maxsize=4)
+def _read_trace(path: Path, stamp: int) -> Trace:
+    return Trace.load(path)
+
+
+@lru_cache(maxsize=2)
+def _read_qk(path: Path, stamp: int, layer: int) -> tuple[Tensor, Tensor]:
+    return Trace.load_qk(path, layer)
+
+
+def clear_caches() -> None:
+    _read_trace.cache_clear()
+    _read_qk.cache_clear()
+
+
+# -- per-token and per-layer values ----------------------------------------------------------
+def metric_values(trace: Trace, metric: str) -> Tensor:
+    """``[n_layers, n_heads, T]`` values of a row or column metric."""
+    for table in (trace.rows, trace.cols):
+        if metric in table:
+            return table[metric]
+    raise AttnscopeError(f"this run has no metric {metric!r}; it has {[*trace.rows, *trace.cols]}")
+
+
+def layer_index(trace: Trace, layer: int) -> int:
+    if layer not in trace.layers:
+        raise AttnscopeError(f"this run has no layer {layer}; it has layers {trace.layers}")
+    return trace.layers.index(layer)
+
+
+def token_values(trace: Trace, metric: str, layer: int | str = ALL_LAYERS) -> Tensor:
+    """``[T]``: the metric averaged over heads and over one layer or all (NaN-aware)."""
+    values = metric_values(trace, metric)
+    if layer != ALL_LAYERS:
+        values = values[layer_index(trace, int(layer))][None]
+    return torch.nanmean(values.flatten(0, 1), dim=0)
+
+
+def layer_means(trace: Trace, metric: str) -> Tensor:
+    """``[n_layers]``: the metric averaged over heads and tokens of each layer."""
+    return torch.nanmean(metric_values(trace, metric).flatten(1), dim=1)
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    metric: str
+    kind: str  # "row" (per query) or "column" (per key)
+    mean: float  # over layers and heads
+    max: float
+    at: tuple[int, int]  # (layer, head) of the max
+
+
+def token_summary(trace: Trace, position: int) -> list[TokenRow]:
+    """Every metric at one token: mean over layers and heads, and the largest head."""
+    check_position(trace, position)
+    out = []
+    for kind, table in (("row", trace.rows), ("column", trace.cols)):
+        for name, values in table.items():
+            v = values[..., position]  # [L, H]
+            finite = v.nan_to_num(nan=-math.inf)
+            li, h = divmod(int(finite.argmax()), trace.n_heads)
+            out.append(
+                TokenRow(
+                    name, kind, float(torch.nanmean(v)), float(v[li, h]), (trace.layers[li], h)
+                )
+            )
+    return out
+
+
+def check_position(trace: Trace, position: int) -> None:
+    if not 0 <= position < len(trace):
+        raise AttnscopeError(f"token {position} is outside this run's {len(trace)} tokens")
+
+
+# -- per-head values ---------------------------------------------------------------------------
+def head_tags(trace: Trace) -> list[list[tuple[str, ...]]]:
+    """``[L][H]`` groups of each head: "local", "global" (by head span), "sink" (alpha_0 > 0.3)."""
+    groups = {**trace.head_groups(), "sink": trace.sink_heads()}
+    return [
+        [tuple(g for g, m in groups.items() if bool(m[li, h])) for h in range(trace.n_heads)]
+        for li in range(len(trace.layers))
+    ]
+
+
+def head_stats(trace: Trace, layer: int, head: int) -> dict[str, float]:
+    """The per-head numbers of the head grid for one head."""
+    li = layer_index(trace, layer)
+    if not 0 <= head < trace.n_heads:
+        raise AttnscopeError(f"head {head} outside 0..{trace.n_heads - 1}")
+    return {
+        "head span": float(trace.head_span()[li, head]),
+        "mean entropy": float(torch.nanmean(trace.rows["entropy"][li, head])),
+        "sink score of token 0": float(trace.cols["sink_score"][li, head, 0]),
+    }
+
+
+def qk_layers(trace: Trace) -> list[int]:
+    """Layers whose queries and keys the run kept (for heatmaps)."""
+    return sorted(int(k) for k in trace.meta.get("qk_attention", {}))
+
+
+# -- attention heatmaps --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Window:
+    """Block-pooled attention of one head over the tokens ``[start, end)`` (queries and keys)."""
+
+    matrix: Tensor  # [ceil(n/pool), ceil(n/pool)] mean probability per block
+    layer: int
+    head: int
+    start: int
+    end: int
+    pool: int  # block side in tokens
+    sampled_rows: int  # query rows used per block (== pool when exact)
+
+    @property
+    def exact(self) -> bool:
+        return self.sampled_rows >= self.pool
+
+
+def clamp_window(n_tokens: int, start: int | None, size: int | None) -> tuple[int, int]:
+    """``[start, end)`` inside the run, whatever the inputs say."""
+    start = min(max(0, int(start or 0)), n_tokens - 1)
+    size = min(max(1, int(size or MAX_CELLS)), n_tokens - start)
+    return start, start + size
+
+
+def attention_window(
+    store: RunStore,
+    name: str,
+    layer: int,
+    head: int,
+    start: int | None,
+    size: int | None,
+    *,
+    max_cells: int = MAX_CELLS,
+    budget: int = SCORE_BUDGET,
+) -> Window:
+    """Attention of ``head`` in ``layer`` over a window of tokens, from the run's stored q/k.
+
+    Exact block means while ``rows x keys`` stays within ``budget`` scores; beyond it, each block
+    averages evenly spaced query rows (over all of its keys), so any window of any run costs
+    about ``budget`` scores.
+    """
+    trace = load_run(store, name)
+    kept = qk_layers(trace)
+    if layer not in kept:
+        raise AttnscopeError(
+            f"run {name!r} kept no queries/keys for layer {layer} (kept: {kept or 'none'}); "
+            f"analyse with `attnscope analyze ... --keep-qk {layer}` (or `--keep-qk all`) "
+            "to see its attention heatmap"
+        )
+    params = trace.meta["qk_attention"][str(layer)]
+    q, k = load_qk(store, name, layer)
+    if not 0 <= head < q.shape[0]:
+        raise AttnscopeError(f"head {head} outside 0..{q.shape[0] - 1}")
+    start, end = clamp_window(q.shape[1], start, size)
+    if params.get("causal", True):
+        k = k[:, :end]  # later keys are invisible to every row of the window
+    pool = math.ceil((end - start) / max_cells)
+    n_blocks = math.ceil((end - start) / pool)
+    rows = min(pool, max(1, budget // (n_blocks * k.shape[1])))
+    kwargs = {
+        key: params[key]
+        for key in ("scale", "causal", "sliding_window", "softcap")
+        if key in params
+    }
+    if rows == pool:
+        matrix = _exact_blocks(q, k, head, start, end, pool, kwargs)
+    else:
+        matrix = _sampled_blocks(q, k, head, start, end, pool, rows, kwargs)
+    return Window(matrix, layer, head, start, end, pool, rows)
+
+
+def _exact_blocks(
+    q: Tensor, k: Tensor, head: int, start: int, end: int, pool: int, kwargs: dict
+) -> Tensor:
+    """Exact pooled tile, computed in bands of whole blocks to bound memory."""
+    band = pool * max(1, CHUNK_SCORES // (pool * k.shape[1]))
+    return torch.cat(
+        [
+            attention_tile(q, k, head, (r, min(r + band, end)), (start, end), pool=pool, **kwargs)
+            for r in range(start, end, band)
+        ]
+    )
+
+
+def _sampled_blocks(
+    q: Tensor, k: Tensor, head: int, start: int, end: int, pool: int, rows: int, kwargs: dict
+) -> Tensor:
+    """Per block of queries, the mean over ``rows`` evenly spaced rows; keys pooled exactly.
+
+    The sampled rows of all blocks go through one request (explicit query positions), so the
+    keys are read once per chunk rather than once per block.
+    """
+    starts = torch.arange(start, end, pool)
+    heights = (end - starts).clamp(max=pool)
+    m = heights.clamp(max=rows)  # a short last block may have fewer rows than ``rows``
+    block = torch.repeat_interleave(torch.arange(len(starts)), m)
+    i = torch.arange(len(block)) - torch.repeat_interleave(m.cumsum(0) - m, m)  # index in block
+    positions = starts[block] + ((2 * i + 1) * heights[block]) // (2 * m[block])
+    chunk = max(1, CHUNK_SCORES // k.shape[1])
+    probs = torch.cat(
+        [
+            row_probabilities(q, k, head, positions[c : c + chunk], **kwargs)[:, start:end]
+            for c in range(0, len(block), chunk)
+        ]
+    )
+    padded = torch.cat([probs, probs.new_full((len(probs), -(end - start) % pool), math.nan)], 1)
+    pooled = torch.nanmean(padded.view(len(probs), -1, pool), dim=2)  # [picked rows, blocks]
+    sums = pooled.new_zeros(len(starts), pooled.shape[1]).index_add_(0, block, pooled)
+    return sums / m[:, None]
