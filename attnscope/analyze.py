@@ -17,7 +17,7 @@ from attnscope.probes.capture import Capture
 from attnscope.trace import Trace
 
 
-class _ProgressTick(StoppingCriteria):
+class ProgressTick(StoppingCriteria):
     """Advances a progress bar once per generated token; never stops generation."""
 
     def __init__(self, bar: tqdm) -> None:
@@ -62,7 +62,7 @@ def analyze(
     model, tok = lm.model, lm.tokenizer
     ids = tok(text, return_tensors="pt").input_ids.to(model.device)  # [1, T0]
     n_prompt = ids.shape[1]
-    _check_context(lm, n_prompt + generate)
+    check_context(lm, n_prompt + generate)
     if fai_rows == "response":
         fai_rows = (n_prompt, n_prompt + generate)
     cap = Capture(
@@ -113,7 +113,7 @@ def _generate(model: Any, tok: Any, ids: torch.Tensor, n_new: int, progress: boo
             max_new_tokens=n_new,
             do_sample=False,
             return_dict_in_generate=True,
-            stopping_criteria=StoppingCriteriaList([_ProgressTick(bar)]),
+            stopping_criteria=StoppingCriteriaList([ProgressTick(bar)]),
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         )
     seq = out.sequences  # [1, T0 + generated]
@@ -121,7 +121,7 @@ def _generate(model: Any, tok: Any, ids: torch.Tensor, n_new: int, progress: boo
         model(input_ids=seq[:, -1:], past_key_values=out.past_key_values, logits_to_keep=1)
 
 
-def _check_context(lm: LoadedModel, n_tokens: int) -> None:
+def check_context(lm: LoadedModel, n_tokens: int) -> None:
     config = lm.model.config.get_text_config()
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is not None and n_tokens > limit:

@@ -75,7 +75,7 @@ class Capture:
     # -- context ------------------------------------------------------------------------------
     def __enter__(self) -> Capture:
         self._names = {m: n for n, m in self.model.named_modules()}
-        self._saved_impl = [(c, c._attn_implementation_internal) for c in _all_configs(self.model)]
+        self._saved_impl = [(c, c._attn_implementation_internal) for c in all_configs(self.model)]
         interface.add_observer(self._observe)
         self._hook = self.model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)
         try:
@@ -274,7 +274,7 @@ def _leading_padding(mask: Tensor | None, batch: int, tk: int) -> Tensor:
     return (~seen).long().cumprod(-1).sum(-1).cpu()
 
 
-def _all_configs(model: torch.nn.Module) -> list[Any]:
+def all_configs(model: torch.nn.Module) -> list[Any]:
     """Every config object reachable from the model: submodels' configs and nested sub-configs."""
     found: dict[int, Any] = {}
     queue = [

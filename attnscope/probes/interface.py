@@ -5,6 +5,12 @@ Two implementations are registered, each with the mask function its delegate exp
 module's own eager function, so ``output_attentions`` keeps working). Every call is delegated with
 its arguments unchanged, so the model's output is untouched; then the active capture sessions are
 told about the call.
+
+Mask editors are the one way to change a call (interventions): each registered editor may return a
+replacement for the attention mask (e.g. an additive float mask ``[B, 1|Hq, Tq, Tk]`` carrying a
+score bias) before delegation; observers are then told about the call with the edited mask, so
+captured statistics include the edit. With no editor registered, or every editor returning None,
+calls are delegated unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ EAGER_NAME = "attnscope_eager"
 
 Observer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Any, dict], None]
 _observers: list[Observer] = []
+# (module, query, key, attention_mask, kwargs) -> replacement mask, or None to leave it as it is
+MaskEditor = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Any, dict], Any]
+_mask_editors: list[MaskEditor] = []
 
 
 def module_eager(module: torch.nn.Module) -> Callable:
@@ -47,7 +56,16 @@ def _notify(module, query, key, attention_mask, kwargs) -> None:
         observe(module, query, key, attention_mask, kwargs)
 
 
+def _edit_mask(module, query, key, attention_mask, kwargs):
+    for edit in list(_mask_editors):
+        edited = edit(module, query, key, attention_mask, kwargs)
+        if edited is not None:
+            attention_mask = edited
+    return attention_mask
+
+
 def _sdpa_probe(module, query, key, value, attention_mask, **kwargs):
+    attention_mask = _edit_mask(module, query, key, attention_mask, kwargs)
     if kwargs.get("softcap") is not None:  # SDPA refuses softcap: compute with the eager math
         out = module_eager(module)(
             module, query, key, value, _additive(attention_mask, query.dtype), **kwargs
@@ -59,6 +77,7 @@ def _sdpa_probe(module, query, key, value, attention_mask, **kwargs):
 
 
 def _eager_probe(module, query, key, value, attention_mask, **kwargs):
+    attention_mask = _edit_mask(module, query, key, attention_mask, kwargs)
     out = module_eager(module)(module, query, key, value, attention_mask, **kwargs)
     _notify(module, query, key, attention_mask, kwargs)
     return out
@@ -71,8 +90,9 @@ AttentionMaskInterface.register(EAGER_NAME, eager_mask)
 
 
 def probe_name_for(implementation: str | None) -> str:
-    """Our implementation that reproduces ``implementation``'s outputs (flash -> SDPA masks)."""
-    return EAGER_NAME if implementation in (None, "eager") else SDPA_NAME
+    """Our implementation that reproduces ``implementation``'s outputs (flash -> SDPA masks; ours
+    map to themselves, so probes nest)."""
+    return EAGER_NAME if implementation in (None, "eager", EAGER_NAME) else SDPA_NAME
 
 
 def add_observer(fn: Observer) -> None:
@@ -82,3 +102,12 @@ def add_observer(fn: Observer) -> None:
 def remove_observer(fn: Observer) -> None:
     if fn in _observers:
         _observers.remove(fn)
+
+
+def add_mask_editor(fn: MaskEditor) -> None:
+    _mask_editors.append(fn)
+
+
+def remove_mask_editor(fn: MaskEditor) -> None:
+    if fn in _mask_editors:
+        _mask_editors.remove(fn)

@@ -1,0 +1,136 @@
+"""Where a token looks in the image: attention on the image tokens as patch-grid heatmaps, and
+overlays on the original image (PNG through PIL, interactive through plotly)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.colors
+import plotly.graph_objects as go
+import torch
+from PIL import Image
+from torch import Tensor
+
+from attnscope.kernels.tiles import attention_tile
+from attnscope.trace import Trace
+from attnscope.vlm.layout import ImageLayout, ImageSpan
+from attnscope.vlm.metrics import layer_qk
+
+COLORSCALE = "Viridis"
+
+
+def image_attention(
+    trace: Trace,
+    positions: Sequence[int],
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+) -> Tensor:
+    """Attention of query rows ``positions`` on every image token (normalised over all keys the
+    row sees), averaged over ``heads`` (default all). Needs the queries and keys kept by
+    ``analyze_image``. ``[n_layers, n_positions, N]``, image tokens in layout order."""
+    image = ImageLayout.of(trace).positions
+    rows = torch.as_tensor(positions) % len(trace)
+    r0, r1 = int(rows.min()), int(rows.max()) + 1
+    c0, c1 = int(image.min()), int(image.max()) + 1
+    out = []
+    for layer in layers if layers is not None else trace.layers:
+        q, k, attention = layer_qk(trace, layer)
+        per_head = [
+            attention_tile(
+                q,
+                k,
+                h,
+                (r0, r1),
+                (c0, c1),
+                scale=attention["scale"],
+                causal=attention["causal"],
+                sliding_window=attention["sliding_window"],
+                softcap=attention["softcap"],
+            )
+            for h in (heads if heads is not None else range(q.shape[0]))
+        ]  # each [r, c]
+        out.append(torch.stack(per_head).mean(0)[rows - r0][:, image - c0])
+    return torch.stack(out)
+
+
+def token_heatmaps(
+    trace: Trace,
+    position: int,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+) -> list[Tensor]:
+    """Attention of the token at ``position`` on each image, averaged over layers and heads, on the
+    patch grid: one ``[rows, cols]`` tensor per image."""
+    values = image_attention(trace, [position], layers, heads).mean(0)[0]  # [N]
+    grids, taken = [], 0
+    for span in ImageLayout.of(trace).images:
+        grids.append(span.to_grid(values[taken : taken + len(span)]))
+        taken += len(span)
+    return grids
+
+
+def _colormap(values: np.ndarray, colorscale: str) -> np.ndarray:
+    """Values in [0, 1] ``[h, w]`` -> RGB uint8 ``[h, w, 3]`` through a plotly colour scale."""
+    lut = plotly.colors.sample_colorscale(
+        plotly.colors.get_colorscale(colorscale), np.linspace(0, 1, 256).tolist(), colortype="tuple"
+    )
+    lut = (np.asarray(lut) * 255).round().astype(np.uint8)  # [256, 3]
+    return lut[(np.clip(values, 0, 1) * 255).round().astype(np.int64)]
+
+
+def _normalised(grid: Tensor) -> np.ndarray:
+    g = grid.detach().float().cpu().numpy()
+    span = g.max() - g.min()
+    return (g - g.min()) / span if span > 0 else np.zeros_like(g)
+
+
+def overlay(
+    image: Image.Image,
+    grid: Tensor,
+    span: ImageSpan,
+    alpha: float = 0.6,
+    colorscale: str = COLORSCALE,
+) -> Image.Image:
+    """The heatmap ``grid`` ``[rows, cols]`` (min-max scaled), bilinearly upsampled onto the region
+    of the image that the model saw; the rest of the image (cropped away by the processor) is
+    dimmed. Returns an RGB image of the original size."""
+    left, top, right, bottom = (round(v) for v in span.box)
+    size = (max(1, right - left), max(1, bottom - top))
+    heat = Image.fromarray(_normalised(grid).astype(np.float32)).resize(
+        size, Image.Resampling.BILINEAR
+    )
+    colored = Image.fromarray(_colormap(np.asarray(heat), colorscale))
+    base = image.convert("RGB")
+    out = Image.eval(base, lambda v: v // 2)  # dim what the model did not see
+    region = base.crop((left, top, left + size[0], top + size[1]))
+    out.paste(Image.blend(region, colored, alpha), (left, top))
+    return out
+
+
+def overlay_figure(
+    image: Image.Image,
+    grid: Tensor,
+    span: ImageSpan,
+    title: str = "",
+    colorscale: str = COLORSCALE,
+) -> go.Figure:
+    """Interactive overlay: the image with the patch-grid heatmap on the region the model saw."""
+    left, top, right, bottom = span.box
+    dx, dy = (right - left) / span.cols, (bottom - top) / span.rows
+    fig = go.Figure(go.Image(z=np.asarray(image.convert("RGB"))))
+    fig.add_trace(
+        go.Heatmap(
+            z=grid.detach().float().cpu().numpy(),
+            x0=left + dx / 2,
+            dx=dx,
+            y0=top + dy / 2,
+            dy=dy,
+            opacity=0.55,
+            zsmooth="best",
+            colorscale=colorscale,
+            hovertemplate="x %{x:.0f}, y %{y:.0f}: %{z:.4f}<extra></extra>",
+        )
+    )
+    fig.update_layout(title=title, margin=dict(l=10, r=10, t=40, b=10))
+    return fig

@@ -1,0 +1,93 @@
+"""Files of a VLM run: heatmap overlays per token (PNG) and ``overlays.html`` (plotly)."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+
+import plotly.graph_objects as go
+import torch
+from PIL import Image
+from plotly.subplots import make_subplots
+
+from attnscope.atomic import write_file_atomically
+from attnscope.trace import Trace
+from attnscope.vlm.heatmap import overlay, overlay_figure, token_heatmaps
+from attnscope.vlm.layout import ImageLayout
+from attnscope.vlm.metrics import visual_entropy, visual_mass
+
+MAX_OVERLAYS = 24  # token positions drawn per run
+
+
+def visual_head_maps(trace: Trace) -> go.Figure:
+    """Layer x head maps: visual mass (mean over the response rows, or the last row) and visual
+    entropy at the last row (renormalised over image tokens, needs kept queries/keys)."""
+    start, end = trace.spans.get("response", (len(trace) - 1, len(trace)))
+    panels = {"visual mass": visual_mass(trace)[..., start:end].mean(-1)}
+    if trace.qk:
+        panels["visual entropy at the last row"] = visual_entropy(trace)
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=list(panels))
+    for col, z in enumerate(panels.values(), start=1):
+        fig.add_trace(
+            go.Heatmap(
+                z=z.numpy(),
+                x=[f"h{h}" for h in range(trace.n_heads)],
+                y=[f"L{i}" for i in trace.layers],
+                colorscale="Magma",
+                colorbar=dict(x=col / len(panels) - 0.02, len=0.9),
+                hovertemplate="%{y} %{x}: %{z:.3f}<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
+    fig.update_layout(height=120 + 22 * len(trace.layers), title="Visual heads")
+    return fig
+
+
+def overlay_positions(trace: Trace, limit: int = MAX_OVERLAYS) -> list[int]:
+    """The response rows (the last prompt row without a response), at most ``limit``."""
+    start, end = trace.spans.get("response", (len(trace) - 1, len(trace)))
+    return list(range(start, min(end, start + limit)))
+
+
+def write_overlays(
+    trace: Trace,
+    images: Sequence[Image.Image],
+    run_dir: Path,
+    positions: Sequence[int] | None = None,
+) -> tuple[Path, list[Path]]:
+    """Write ``overlays/t<pos>_image<i>.png`` for each position and image, and ``overlays.html``
+    with the visual head maps and interactive overlays. Returns (html path, png paths)."""
+    run_dir = Path(run_dir)
+    spans = ImageLayout.of(trace).images
+    folder = run_dir / "overlays"
+    folder.mkdir(parents=True, exist_ok=True)
+    pngs, figures = [], [visual_head_maps(trace)]
+    for pos in positions if positions is not None else overlay_positions(trace):
+        label = f"token {pos} {trace.tokens[pos]!r}"
+        for span, image, grid in zip(spans, images, token_heatmaps(trace, pos), strict=True):
+            png = folder / f"t{pos:04d}_image{span.name.split(':')[1]}.png"
+            overlay(image, grid, span).save(png)
+            pngs.append(png)
+            figures.append(overlay_figure(image, grid, span, title=f"{label} on {span.name}"))
+    body = "".join(
+        f.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
+        for i, f in enumerate(figures)
+    )
+    title = html.escape(f"attnscope VLM overlays: {trace.meta.get('model', '?')}")
+    text = html.escape(f"{trace.meta.get('text', '')}[{trace.meta.get('generated_text', '')}]")
+    page = run_dir / "overlays.html"
+    write_file_atomically(
+        page,
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
+        f"<body style='font-family:sans-serif'><h1>{title}</h1>"
+        f"<pre style='white-space:pre-wrap'>{text}</pre>{body}</body></html>",
+    )
+    return page, pngs
+
+
+def response_visual_mass(trace: Trace) -> torch.Tensor:
+    """Visual mass per layer, mean over heads and response rows (last row without). ``[L]``."""
+    start, end = trace.spans.get("response", (len(trace) - 1, len(trace)))
+    return visual_mass(trace)[..., start:end].mean((1, 2))
