@@ -230,6 +230,9 @@ class Capture:
             meta={
                 "model": getattr(self.model.config, "_name_or_path", type(self.model).__name__),
                 "architecture": type(self.model).__name__,
+                "n_model_layers": getattr(
+                    self.model.config.get_text_config(), "num_hidden_layers", None
+                ),
                 "stack": stack,
                 "modules": [r.name for r in recs],
                 "backend": self.backend_used,

@@ -79,10 +79,9 @@ def rhythm(trace: Trace, config: CreditConfig = CreditConfig()) -> Rhythm:
     if "fai" not in trace.cols:
         raise AttnscopeError("credit needs the column metric 'fai' in the trace")
     r0, r1 = trace.spans["response"]
+    depth = trace.meta.get("n_model_layers") or max(trace.layers) + 1
     chosen = [
-        trace.layers.index(i)
-        for i in sample_layers(max(trace.layers) + 1, config.n_layers)
-        if i in trace.layers
+        trace.layers.index(i) for i in sample_layers(depth, config.n_layers) if i in trace.layers
     ]
     if not chosen:
         raise AttnscopeError(
