@@ -190,7 +190,8 @@ def test_float_mask_bias_edits_the_scores():
     for backend in ("dense", "chunked"):
         st = kernels.attention_stats(q, k, mask=mask, backend=backend)
         torch.testing.assert_close(st.rows["entropy"], metrics.entropy(attn), atol=ATOL, rtol=RTOL)
-        torch.testing.assert_close(st.cols["received"], metrics.received(attn), atol=ATOL,
-                                   rtol=RTOL)
+        torch.testing.assert_close(
+            st.cols["received"], metrics.received(attn), atol=ATOL, rtol=RTOL
+        )
     with pytest.raises(UnsupportedMetricError, match="chunked"):
         kernels.attention_stats(q, k, mask=mask, backend="triton")
