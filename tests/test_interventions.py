@@ -21,7 +21,7 @@ from attnscope.interventions import (
 )
 from attnscope.interventions.carve import connected_components, region_mask
 from attnscope.probes import interface
-from attnscope.probes.capture import all_configs
+from attnscope.probes.interface import all_configs
 from attnscope.probes.records import stack_of
 from attnscope.vlm import analyze_image, prepare
 from attnscope.vlm.layout import ImageLayout, ImageSpan, family_of

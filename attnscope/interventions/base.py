@@ -17,6 +17,7 @@ attention mass on the measured keys (the image tokens) before and after the edit
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch import Tensor
 from attnscope.errors import AttnscopeError
 from attnscope.kernels.request import build_request
 from attnscope.probes import interface
-from attnscope.probes.capture import CROSS_NAMES, all_configs, stats_scale
+from attnscope.probes.capture import CROSS_NAMES, stats_scale
 from attnscope.probes.records import stack_of
 from attnscope.vlm.layout import ImageLayout
 
@@ -98,15 +99,15 @@ class EditSession:
                 f"{n_layers} decoder layers [0, {n_layers}): choose start and end"
             )
         self._seen: dict[torch.nn.Module, int] = {}
-        self._saved_impl: list[tuple[Any, str | None]] = []
+        self._switch: AbstractContextManager | None = None
 
     def __enter__(self) -> EditSession:
-        self._saved_impl = [(c, c._attn_implementation_internal) for c in all_configs(self.model)]
         interface.add_mask_editor(self._edit_mask)
         try:
             self.edit.attach(self)
-            impl = self.model.config._attn_implementation
-            self.model.set_attn_implementation(interface.probe_name_for(impl))
+            switch = interface.probe_implementation(self.model)
+            switch.__enter__()
+            self._switch = switch
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -115,8 +116,9 @@ class EditSession:
     def __exit__(self, *exc: object) -> None:
         interface.remove_mask_editor(self._edit_mask)
         self.edit.detach(self)
-        for config, impl in self._saved_impl:
-            config._attn_implementation_internal = impl
+        if self._switch is not None:
+            self._switch.__exit__(None, None, None)
+            self._switch = None
 
     @torch.no_grad()
     def _edit_mask(self, module, query: Tensor, key: Tensor, mask, kwargs: dict) -> Tensor | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -69,18 +70,18 @@ class Capture:
         self.input_ids: list[Tensor] = []
         self.backend_used: str | None = None
         self._names: dict[torch.nn.Module, str] = {}
-        self._saved_impl: list[tuple[Any, str | None]] = []
+        self._switch: AbstractContextManager | None = None
         self._hook = None
 
     # -- context ------------------------------------------------------------------------------
     def __enter__(self) -> Capture:
         self._names = {m: n for n, m in self.model.named_modules()}
-        self._saved_impl = [(c, c._attn_implementation_internal) for c in all_configs(self.model)]
         interface.add_observer(self._observe)
         self._hook = self.model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)
         try:
-            impl = self.model.config._attn_implementation
-            self.model.set_attn_implementation(interface.probe_name_for(impl))
+            switch = interface.probe_implementation(self.model)
+            switch.__enter__()
+            self._switch = switch
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -91,8 +92,9 @@ class Capture:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        for config, impl in self._saved_impl:
-            config._attn_implementation_internal = impl
+        if self._switch is not None:
+            self._switch.__exit__(None, None, None)
+            self._switch = None
 
     def _record_inputs(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -275,23 +277,3 @@ def _leading_padding(mask: Tensor | None, batch: int, tk: int) -> Tensor:
     seen = (mask > torch.finfo(mask.dtype).min / 2) if mask.is_floating_point() else mask.bool()
     seen = seen.expand(batch, -1, -1, -1).any(dim=(1, 2))  # [B, Tk]
     return (~seen).long().cumprod(-1).sum(-1).cpu()
-
-
-def all_configs(model: torch.nn.Module) -> list[Any]:
-    """Every config object reachable from the model: submodels' configs and nested sub-configs."""
-    found: dict[int, Any] = {}
-    queue = [
-        m.config
-        for m in model.modules()
-        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation_internal")
-    ]
-    while queue:
-        cfg = queue.pop()
-        if id(cfg) in found:
-            continue
-        found[id(cfg)] = cfg
-        for key in getattr(cfg, "sub_configs", {}):
-            sub = getattr(cfg, key, None)
-            if sub is not None:
-                queue.append(sub)
-    return list(found.values())

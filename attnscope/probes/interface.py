@@ -16,7 +16,8 @@ calls are delegated unchanged.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -111,3 +112,36 @@ def add_mask_editor(fn: MaskEditor) -> None:
 def remove_mask_editor(fn: MaskEditor) -> None:
     if fn in _mask_editors:
         _mask_editors.remove(fn)
+
+
+def all_configs(model: torch.nn.Module) -> list[Any]:
+    """Every config object reachable from the model: submodels' configs and nested sub-configs."""
+    found: dict[int, Any] = {}
+    queue = [
+        m.config
+        for m in model.modules()
+        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation_internal")
+    ]
+    while queue:
+        cfg = queue.pop()
+        if id(cfg) in found:
+            continue
+        found[id(cfg)] = cfg
+        for key in getattr(cfg, "sub_configs", {}):
+            sub = getattr(cfg, key, None)
+            if sub is not None:
+                queue.append(sub)
+    return list(found.values())
+
+
+@contextmanager
+def probe_implementation(model: torch.nn.Module) -> Iterator[None]:
+    """Switch ``model`` to the probe matching its implementation; on exit, also after an error,
+    restore the implementation of every config and sub-config exactly."""
+    saved = [(c, c._attn_implementation_internal) for c in all_configs(model)]
+    try:
+        model.set_attn_implementation(probe_name_for(model.config._attn_implementation))
+        yield
+    finally:
+        for config, impl in saved:
+            config._attn_implementation_internal = impl
