@@ -86,7 +86,12 @@ def analyze(
             model(input_ids=ids, logits_to_keep=1)
         else:
             model(input_ids=ids)
-    trace = cap.trace
+    return label_run(cap.trace, lm, n_prompt, text, start)
+
+
+def label_run(trace: Trace, lm: LoadedModel, n_prompt: int, text: str, start: float) -> Trace:
+    """Add the ``prompt`` / ``response`` spans and the run's metadata (model, texts, seconds
+    since ``start``) to a freshly captured trace."""
     n = len(trace)
     trace.spans = {
         "prompt": (0, n_prompt),
@@ -98,7 +103,7 @@ def analyze(
         source=lm.source,
         kind=lm.kind,
         text=text,
-        generated_text=tok.decode(trace.token_ids[n_prompt:]) if n > n_prompt else "",
+        generated_text=lm.tokenizer.decode(trace.token_ids[n_prompt:]) if n > n_prompt else "",
         seconds=round(time.perf_counter() - start, 3),
     )
     return trace

@@ -17,6 +17,7 @@ attention mass on the measured keys (the image tokens) before and after the edit
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,7 @@ class EditRecord:
     after: Tensor  # [B, Hq] ... and after
 
 
-class ScoreEdit:
+class ScoreEdit(ABC):
     """Base of score interventions on decoder layers ``[start, end)`` (end None: to the last)."""
 
     start: int
@@ -56,6 +57,7 @@ class ScoreEdit:
         """The context manager that applies this edit to ``model`` (``layout``: its images)."""
         return EditSession(self, model, layout)
 
+    @abstractmethod
     def row_bias(
         self, session: EditSession, layer: int, scores: Tensor, allowed: Tensor, key_pos: Tensor
     ) -> Tensor | None:
@@ -64,7 +66,6 @@ class ScoreEdit:
         scores: the row's scaled (soft-capped) scores ``[B, Hq, 1, Tk]``, earlier edits included;
         allowed: bool ``[B, 1|Hq, 1, Tk]`` keys the row may see; key_pos: ``[Tk]`` key positions.
         """
-        raise NotImplementedError
 
     def measured(self, session: EditSession) -> Tensor:
         """Positions whose attention mass ``records`` track (default: the image tokens)."""
@@ -72,10 +73,10 @@ class ScoreEdit:
             raise AttnscopeError(f"{type(self).__name__} needs the image layout of the input")
         return session.layout.positions
 
-    def attach(self, session: EditSession) -> None:
+    def attach(self, session: EditSession) -> None:  # noqa: B027 (optional hook)
         """Called on entry (e.g. to register observers)."""
 
-    def detach(self, session: EditSession) -> None:
+    def detach(self, session: EditSession) -> None:  # noqa: B027 (optional hook)
         """Called on exit, also after an exception."""
 
 

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteriaList
 
-from attnscope.analyze import ProgressTick, check_context
+from attnscope.analyze import ProgressTick, check_context, label_run
 from attnscope.models.loaded import LoadedModel
 from attnscope.probes.capture import Capture
 from attnscope.trace import Trace
@@ -71,23 +71,11 @@ def analyze_image(
             _generate(model, tensors, generate, lm.tokenizer, progress)
         else:
             model(**tensors, logits_to_keep=1)
-    trace = cap.trace
-    n = len(trace)
-    trace.spans = {
-        "prompt": (0, n_prompt),
-        **({"response": (n_prompt, n)} if n > n_prompt else {}),
-        **trace.spans,
-    }
+    trace = label_run(cap.trace, lm, n_prompt, inputs.prompt, start)
     trace.meta.update(
-        model=lm.name,
-        source=lm.source,
-        kind=lm.kind,
-        text=inputs.prompt,
-        generated_text=lm.tokenizer.decode(trace.token_ids[n_prompt:]) if n > n_prompt else "",
         images=inputs.layout.to_meta(),
         vision_stack=family_of(model.config).vision_stack,
         visual_entropy="renormalised over the image tokens",
-        seconds=round(time.perf_counter() - start, 3),
     )
     if intervention is not None:
         trace.meta["intervention"] = session.summary()
