@@ -24,7 +24,11 @@ TEXT = (
     "Later, towers of stone carried lamps of oil, and mirrors focused their light far out to sea. "
     "Keepers lived in small houses at the base, trimming wicks through long winter nights. "
 )
-METRIC_TOL = 1e-4
+# The two sides run different forward kernels (SDPA vs eager); their hidden states differ at fp32
+# rounding level and that compounds over 18 layers: at T = 2048 the median relative difference is
+# ~3e-7 and the worst (a column sum over ~180 rows) 1.5e-4. Kernel-vs-reference agreement on the
+# same q/k is tested at 1e-5 (tests/test_kernels.py); this check guards against wrong metrics.
+METRIC_TOL = 1e-3
 
 
 def token_ids(tokenizer, n: int) -> torch.Tensor:
