@@ -36,7 +36,8 @@ class Trace:
     rows: dict[str, Tensor]  # per-query metrics, [n_layers, n_heads, T]
     cols: dict[str, Tensor]  # per-key metrics, [n_layers, n_heads, T]
     meta: dict[str, Any] = field(default_factory=dict)
-    # layer -> (q [Hq, T, D], k [Hkv, T, D]) post-RoPE, kept only when asked (capture(keep_qk=...))
+    # layer -> (q [Hq, T, D], k [Hkv, Tk, D]) post-RoPE, kept only when asked (capture(keep_qk=...));
+    # Tk = T, except for cross-attention, whose keys are the encoder positions
     qk: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

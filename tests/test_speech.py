@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from reference import assert_trace_matches
 
+import attnscope as asc
+from attnscope import metrics
 from attnscope.cli import main
 from attnscope.errors import AttnscopeError
 from attnscope.models.loaded import LoadedModel
@@ -55,6 +58,49 @@ def tiny_whisper() -> LoadedModel:
 
 
 # -- audio -------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_encoder_decoder_capture_over_kv_cache_steps(tiny_whisper: LoadedModel) -> None:
+    """Decoder traces are labelled by decoder_input_ids; cross-attention keeps the encoder keys
+    once (not per step) and no columns (its keys are frames); everything equals eager."""
+    model = tiny_whisper.model
+    features = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[model.config.decoder_start_token_id, 11, 12, 13, 14, 15]])
+    with asc.capture(model, keep_qk=True) as cap:
+        out = model(input_features=features, decoder_input_ids=ids[:, :3], use_cache=True)
+        encoded, past = (out.encoder_last_hidden_state,), out.past_key_values
+        for t in range(3, ids.shape[1]):  # one decode step per token, reusing the encoder output
+            out = model(encoder_outputs=encoded, decoder_input_ids=ids[:, t : t + 1],
+                        past_key_values=past, use_cache=True)  # fmt: skip
+            past = out.past_key_values
+    model.set_attn_implementation("eager")
+    try:
+        eager = model(input_features=features, decoder_input_ids=ids, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    stacks = {s.split(".")[1] + "." + s.split(".")[-1]: s for s in cap.stacks()}
+    decoder = cap.traces(stacks["decoder.self_attn"])[0]
+    assert cap.default_stack() == stacks["decoder.self_attn"]
+    assert decoder.token_ids == ids[0].tolist()
+    assert_trace_matches(decoder, torch.stack(eager.decoder_attentions)[:, 0])
+
+    cross = cap.traces(stacks["decoder.encoder_attn"])[0]
+    assert cross.token_ids == ids[0].tolist() and cross.cols == {}
+    expected = torch.stack(eager.cross_attentions)[:, 0]  # [L, H, 6, 1500]
+    torch.testing.assert_close(
+        cross.rows["entropy"], metrics.entropy(expected), atol=1e-4, rtol=1e-4
+    )
+    for i, layer in enumerate(cross.layers):
+        q, k = cross.qk[layer]
+        assert q.shape[:2] == (4, 6) and k.shape[:2] == (4, 1500)  # encoder keys kept once
+        scale = cross.meta["qk_attention"][str(layer)]["scale"]
+        rebuilt = torch.softmax(q @ k.transpose(1, 2) * scale, dim=-1)
+        torch.testing.assert_close(rebuilt, expected[i], atol=1e-5, rtol=0)
+
+    encoder = cap.traces(stacks["encoder.self_attn"])[0]
+    assert len(encoder) == 1500
+    assert_trace_matches(encoder, torch.stack(eager.encoder_attentions)[:, 0])
+
+
 def test_audio_is_mixed_to_mono_and_resampled_to_16_khz(tmp_path: Path) -> None:
     rate, seconds = 22_050, 0.5
     t = np.arange(int(rate * seconds)) / rate

@@ -28,7 +28,7 @@ from torch import Tensor
 from attnscope.errors import AttnscopeError
 from attnscope.kernels.request import build_request
 from attnscope.probes import interface
-from attnscope.probes.capture import CROSS_NAMES, stats_scale
+from attnscope.probes.capture import is_cross_attention, stats_scale
 from attnscope.probes.records import stack_of
 from attnscope.vlm.layout import ImageLayout
 
@@ -191,9 +191,7 @@ def decoder_layers(model: torch.nn.Module) -> dict[torch.nn.Module, int]:
     return {
         m: stack_of(n)[1]
         for n, m in model.named_modules()
-        if getattr(m, "is_causal", False)
-        and stack_of(n)[1] >= 0
-        and not any(c in n for c in CROSS_NAMES)
+        if getattr(m, "is_causal", False) and stack_of(n)[1] >= 0 and not is_cross_attention(n)
     }
 
 

@@ -67,7 +67,8 @@ class Capture:
             sink_tokens=sink_tokens,
         )
         self.records: dict[str, ModuleRecord] = {}
-        self.input_ids: list[Tensor] = []
+        self.input_ids: list[Tensor] = []  # encoder or decoder-only token ids, per call
+        self.decoder_ids: list[Tensor] = []  # decoder_input_ids of encoder-decoders, per call
         self.backend_used: str | None = None
         self._names: dict[torch.nn.Module, str] = {}
         self._switch: AbstractContextManager | None = None
@@ -98,8 +99,11 @@ class Capture:
 
     def _record_inputs(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if isinstance(ids, Tensor):
+        if isinstance(ids, Tensor) and not ids.is_floating_point():
             self.input_ids.append(ids.detach().cpu())
+        decoder_ids = kwargs.get("decoder_input_ids")
+        if isinstance(decoder_ids, Tensor):
+            self.decoder_ids.append(decoder_ids.detach().cpu())
 
     # -- one attention call -------------------------------------------------------------------
     @torch.no_grad()
@@ -110,7 +114,7 @@ class Capture:
         _, layer = stack_of(name)
         if self.layers is not None and layer not in self.layers:
             return
-        cross = any(c in name for c in CROSS_NAMES)
+        cross = is_cross_attention(name)
         rec = self.records.get(name)
         if rec is None:
             causal = bool(getattr(module, "is_causal", True)) and not cross
@@ -183,7 +187,9 @@ class Capture:
             (r for n, r in self.records.items() if stack_of(n)[0] == stack),
             key=lambda r: stack_of(r.name)[1],
         )
-        ids = torch.cat(self.input_ids, dim=1) if self.input_ids else None
+        decoder_side = recs[0].causal or is_cross_attention(recs[0].name)
+        id_steps = self.decoder_ids if decoder_side and self.decoder_ids else self.input_ids
+        ids = torch.cat(id_steps, dim=1) if id_steps else None
         batch = recs[0].pad.shape[0]
         return [self._trace_of(recs, b, ids, stack) for b in range(batch)]
 
@@ -200,19 +206,23 @@ class Capture:
         rows: dict[str, list[Tensor]] = {}
         cols: dict[str, list[Tensor]] = {}
         n_tokens = None
+        # cross-attention columns are encoder positions, not these tokens: left out
+        cross = is_cross_attention(recs[0].name)
         for rec in recs:
             index, merged = rec.rows()
             keep = index >= pad
             n_tokens = int(keep.sum())
             for name, value in merged.items():
                 rows.setdefault(name, []).append(value[b][:, keep])
+            if cross:
+                continue
             for name, total in rec.col_sums.items():
                 counts = rec.col_counts.get(name)
                 final = finish_column(name, total[b], None if counts is None else counts[b])
                 cols.setdefault(name, []).append(_fit(final[..., pad:], n_tokens))
         qk = {}
         for rec in recs:
-            if rec.qk_steps:
+            if rec.has_qk:
                 q, k = rec.qk()
                 qk[stack_of(rec.name)[1]] = (q[b, :, pad:], k[b, :, pad:])
         own_tokens = ids is not None and ids.shape[1] - pad == n_tokens  # not a vision tower
@@ -239,7 +249,7 @@ class Capture:
                 "modules": [r.name for r in recs],
                 "backend": self.backend_used,
                 "metrics": list(self.metrics),
-                "qk_attention": {str(stack_of(r.name)[1]): r.attention for r in recs if r.qk_steps},
+                "qk_attention": {str(stack_of(r.name)[1]): r.attention for r in recs if r.has_qk},
                 **{k: v for k, v in self.params.items() if k != "backend"},
             },
             qk=qk,
@@ -261,6 +271,10 @@ def stats_scale(query: Tensor, module: torch.nn.Module, scaling: float | None) -
     if scaling is not None:
         return float(scaling)
     return float(getattr(module, "scaling", None) or query.shape[-1] ** -0.5)
+
+
+def is_cross_attention(module_name: str) -> bool:
+    return any(c in module_name for c in CROSS_NAMES)
 
 
 def _fit(col: Tensor, n: int) -> Tensor:

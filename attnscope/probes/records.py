@@ -33,20 +33,26 @@ class ModuleRecord:
     row_steps: list[tuple[Tensor, dict[str, Tensor]]] = field(default_factory=list)
     col_sums: dict[str, Tensor] = field(default_factory=dict)  # [B, H, N]
     col_counts: dict[str, Tensor] = field(default_factory=dict)  # [B, 1|H, N]
-    qk_steps: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # index, q, k
+    q_steps: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # query index, q
+    k_steps: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # key index, k
     attention: dict = field(default_factory=dict)  # scale, softcap, sliding_window, causal
 
     def keep_qk(self, q_index: Tensor, query: Tensor, key: Tensor, k_index: Tensor) -> None:
-        """Keep the post-RoPE queries ``[B, Hq, Tq, D]`` and the keys of the new tokens."""
-        new = (k_index >= q_index.min()) & (k_index <= q_index.max())
-        self.qk_steps.append((q_index.cpu(), query.detach().cpu(), key[:, :, new].detach().cpu()))
+        """Keep the post-RoPE queries ``[B, Hq, Tq, D]`` and the keys not kept by an earlier call
+        (a decode step's new token; cross-attention's encoder keys only once)."""
+        kept = int(self.k_steps[-1][0].max()) + 1 if self.k_steps else 0
+        new = k_index >= kept
+        self.q_steps.append((q_index.cpu(), query.detach().cpu()))
+        if new.any():
+            self.k_steps.append((k_index[new].cpu(), key[:, :, new].detach().cpu()))
+
+    @property
+    def has_qk(self) -> bool:
+        return bool(self.q_steps)
 
     def qk(self) -> tuple[Tensor, Tensor]:
-        """Queries ``[B, Hq, N, D]`` and keys ``[B, Hkv, N, D]`` of all tokens, in index order."""
-        order = torch.argsort(torch.cat([i for i, _, _ in self.qk_steps]), stable=True)
-        q = torch.cat([q for _, q, _ in self.qk_steps], dim=2)[:, :, order]
-        k = torch.cat([k for _, _, k in self.qk_steps], dim=2)[:, :, order]
-        return q, k
+        """Queries ``[B, Hq, Nq, D]`` and keys ``[B, Hkv, Nk, D]``, each in index order."""
+        return _in_order(self.q_steps), _in_order(self.k_steps)
 
     def add(self, q_index: Tensor, k_index: Tensor, stats: AttentionStats) -> None:
         """Store rows at query indices ``[Tq]`` and add columns at key indices ``[Tk]``."""
@@ -68,6 +74,12 @@ class ModuleRecord:
             n: torch.cat([r[n] for _, r in self.row_steps], dim=-1)[..., order] for n in names
         }
         return index[order], merged
+
+
+def _in_order(steps: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Concatenate per-call ``[B, H, t, D]`` chunks along t, sorted by their token indices."""
+    order = torch.argsort(torch.cat([i for i, _ in steps]), stable=True)
+    return torch.cat([x for _, x in steps], dim=2)[:, :, order]
 
 
 def _grow(buf: Tensor | None, like: Tensor, n: int) -> Tensor:

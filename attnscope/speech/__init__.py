@@ -11,7 +11,7 @@ write_speech_run(analysis, "runs/clip")
 
 from attnscope.speech.analysis import SpeechAnalysis, analyze_speech
 from attnscope.speech.audio import SAMPLE_RATE, load_audio
-from attnscope.speech.cross import CrossAttention, CrossAttentionCapture, capture_cross_attention
+from attnscope.speech.cross import CrossAttention, capture_cross_attention
 from attnscope.speech.inputs import SpeechInput, prepare
 from attnscope.speech.run import alignment_text, saliency_text, words_text, write_speech_run
 from attnscope.speech.timing import WordTiming, word_timings
@@ -19,7 +19,6 @@ from attnscope.speech.timing import WordTiming, word_timings
 __all__ = [
     "SAMPLE_RATE",
     "CrossAttention",
-    "CrossAttentionCapture",
     "SpeechAnalysis",
     "SpeechInput",
     "WordTiming",

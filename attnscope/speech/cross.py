@@ -12,7 +12,7 @@ from torch import Tensor
 from attnscope.errors import AttnscopeError
 from attnscope.kernels.tiles import attention_tile
 from attnscope.models.loaded import LoadedModel
-from attnscope.probes.capture import CROSS_NAMES, Capture, stats_scale
+from attnscope.probes.capture import Capture, is_cross_attention
 from attnscope.probes.records import stack_of
 from attnscope.speech.inputs import SpeechInput, decoder_prefix
 from attnscope.trace import Trace
@@ -22,54 +22,6 @@ AUDIO_SPAN = "audio"
 TOKEN_METRICS = ("entropy", "max_attention", f"span_mass:{AUDIO_SPAN}")
 # what the probe computes: the token metrics, and the head maps of the encoder (report.head_maps)
 CAPTURED_METRICS = (*TOKEN_METRICS, "mean_distance", "sink_score")
-
-
-class CrossAttentionCapture(Capture):
-    """``Capture`` that also keeps the probabilities of every cross-attention call.
-
-    Cross-attention maps are small (decoder tokens x encoder frames), so they are kept whole:
-    ``maps[layer]`` is a list of ``[B, H, Tq, Tk]`` chunks, one per call, in decoding order.
-    """
-
-    def __init__(self, model: torch.nn.Module, **kwargs) -> None:
-        super().__init__(model, **kwargs)
-        self.maps: dict[int, list[Tensor]] = {}
-
-    @torch.no_grad()
-    def _observe(self, module, query: Tensor, key: Tensor, mask, kwargs: dict) -> None:
-        super()._observe(module, query, key, mask, kwargs)
-        name = self._names.get(module)
-        if name is None or not any(c in name for c in CROSS_NAMES):
-            return
-        layer = stack_of(name)[1]
-        if self.layers is not None and layer not in self.layers:
-            return
-        if mask is not None:
-            raise AttnscopeError(
-                f"{name}: masked cross-attention (padded encoder keys) is not supported"
-            )
-        scale = stats_scale(query, module, kwargs.get("scaling"))
-        self.maps.setdefault(layer, []).append(_probabilities(query, key, scale))
-
-    def cross_maps(self) -> tuple[list[int], Tensor]:
-        """Layers and their maps ``[L, B, H, rows, Tk]``, rows in decoding order."""
-        if not self.maps:
-            raise AttnscopeError(
-                "no cross-attention call was captured: is this an encoder-decoder model?"
-            )
-        layers = sorted(self.maps)
-        return layers, torch.stack([torch.cat(self.maps[i], dim=2) for i in layers])
-
-    def encoder_trace(self) -> Trace:
-        """Statistics of the encoder's self-attention (the non-causal, non-cross stack)."""
-        stacks = [
-            stack_of(n)[0]
-            for n, r in self.records.items()
-            if not r.causal and not any(c in n for c in CROSS_NAMES)
-        ]
-        if not stacks:
-            raise AttnscopeError("no encoder self-attention call was captured")
-        return self.traces(stacks[0])[0]
 
 
 @dataclass
@@ -110,8 +62,9 @@ def capture_cross_attention(
     prefix = decoder_prefix(lm, language)
     eot = model.generation_config.eos_token_id
     mode = "generate" if token_ids is None else "forced"
-    cap = CrossAttentionCapture(
-        model, metrics=CAPTURED_METRICS, spans={AUDIO_SPAN: (0, speech.n_frames)}
+    # cross-attention maps are small (tokens x encoder frames): rebuilt exactly from kept q/k
+    cap = Capture(
+        model, metrics=CAPTURED_METRICS, spans={AUDIO_SPAN: (0, speech.n_frames)}, keep_qk=True
     )
     with cap:
         if token_ids is None:
@@ -123,16 +76,16 @@ def capture_cross_attention(
         else:
             ids = torch.tensor([prefix + token_ids], device=model.device)
             model(input_features=speech.features, decoder_input_ids=ids)
-    layers, maps = cap.cross_maps()  # [L, 1, H, rows, Tk]
-    first = len(prefix) - 1  # the row of the last prefix token predicts the first output token
-    targets = [*token_ids, eot][: maps.shape[3] - first]  # + <|endoftext|> when its row exists
-    rows = slice(first, first + len(targets))
     cross = cap.traces(_cross_stack(cap))[0]
+    maps = _cross_maps(cross)  # [L, H, rows, Tk]
+    first = len(prefix) - 1  # the row of the last prefix token predicts the first output token
+    targets = [*token_ids, eot][: maps.shape[2] - first]  # + <|endoftext|> when its row exists
+    rows = slice(first, first + len(targets))
     return CrossAttention(
-        maps=maps[:, 0, :, rows, : speech.n_frames].contiguous(),
+        maps=maps[:, :, rows, : speech.n_frames].contiguous(),
         token_ids=targets,
         tokens=[lm.tokenizer.decode([t]) for t in targets],
-        layers=layers,
+        layers=cross.layers,
         mode=mode,
         trace=Trace(
             tokens=[lm.tokenizer.decode([t]) for t in targets],
@@ -144,27 +97,42 @@ def capture_cross_attention(
             cols={},
             meta={**cross.meta, "model": lm.name, "kind": lm.kind, "audio_frames": speech.n_frames},
         ),
-        encoder=cap.encoder_trace(),
+        encoder=_encoder_trace(cap),
         meta={"prefix": prefix, "frames_in_window": maps.shape[-1]},
     )
 
 
-def _probabilities(query: Tensor, key: Tensor, scale: float) -> Tensor:
-    """``softmax(q k^T * scale)`` of every sequence and head, rebuilt exactly by the tile kernel.
-    q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]`` -> ``[B, Hq, Tq, Tk]`` on the CPU."""
-    tq, tk = query.shape[2], key.shape[2]
-    return torch.stack(
-        [
+def _cross_maps(cross: Trace) -> Tensor:
+    """``softmax(q k^T * scale)`` of every cross-attention layer and head from the trace's kept
+    queries ``[H, Tq, D]`` and encoder keys ``[Hkv, Tk, D]``, rebuilt by the tile kernel.
+    -> ``[L, H, Tq, Tk]``."""
+    maps = []
+    for layer in cross.layers:
+        q, k = cross.qk[layer]
+        scale = cross.meta["qk_attention"][str(layer)]["scale"]
+        span = (0, q.shape[1]), (0, k.shape[1])
+        maps.append(
             torch.stack(
-                [
-                    attention_tile(q, k, h, (0, tq), (0, tk), scale=scale, causal=False)
-                    for h in range(len(q))
-                ]
+                [attention_tile(q, k, h, *span, scale=scale, causal=False) for h in range(len(q))]
             )
-            for q, k in zip(query.detach(), key.detach(), strict=True)
-        ]
-    ).cpu()
+        )
+    return torch.stack(maps)
+
+
+def _encoder_trace(cap: Capture) -> Trace:
+    """Statistics of the encoder's self-attention (the non-causal, non-cross stack)."""
+    stacks = [
+        stack_of(n)[0] for n, r in cap.records.items() if not r.causal and not is_cross_attention(n)
+    ]
+    if not stacks:
+        raise AttnscopeError("no encoder self-attention call was captured")
+    return cap.traces(stacks[0])[0]
 
 
 def _cross_stack(cap: Capture) -> str:
-    return next(s for s in cap.stacks() if any(c in s for c in CROSS_NAMES))
+    stacks = [s for s in cap.stacks() if is_cross_attention(s)]
+    if not stacks:
+        raise AttnscopeError(
+            "no cross-attention call was captured: is this an encoder-decoder model?"
+        )
+    return stacks[0]
