@@ -3,10 +3,12 @@
 import attnscope as asc
 lm = asc.load("gemma3-270m")
 trace = asc.analyze(lm, "Question: ...", generate=64)
+asc.analyze_corpus(lm, ["text 1", "text 2"], generate=64, out="runs/corpus")
 """
 
 from attnscope import kernels, metrics
 from attnscope.analyze import analyze
+from attnscope.corpus import analyze_corpus
 from attnscope.models.loaded import LoadedModel
 from attnscope.models.loader import load
 from attnscope.probes.capture import Capture, capture
@@ -21,6 +23,7 @@ __all__ = [
     "RunStore",
     "Trace",
     "analyze",
+    "analyze_corpus",
     "capture",
     "kernels",
     "load",

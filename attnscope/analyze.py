@@ -18,13 +18,14 @@ from attnscope.trace import Trace
 
 
 class ProgressTick(StoppingCriteria):
-    """Advances a progress bar once per generated token; never stops generation."""
+    """Advances a progress bar by one token per sequence per generation step; never stops
+    generation."""
 
     def __init__(self, bar: tqdm) -> None:
         self.bar = bar
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.bar.update(1)
+        self.bar.update(input_ids.shape[0])
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -112,18 +113,32 @@ def label_run(trace: Trace, lm: LoadedModel, n_prompt: int, text: str, start: fl
 def _generate(model: Any, tok: Any, ids: torch.Tensor, n_new: int, progress: bool) -> None:
     """Greedy generation, then one cached step on the last token so every token gets a row."""
     with tqdm(total=n_new, desc="generating", unit="tok", disable=not progress) as bar:
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n_new,
-            do_sample=False,
-            return_dict_in_generate=True,
-            stopping_criteria=StoppingCriteriaList([ProgressTick(bar)]),
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        )
+        out = greedy_generate(model, tok, ids, torch.ones_like(ids), n_new, bar)
     seq = out.sequences  # [1, T0 + generated]
     if seq.shape[1] > ids.shape[1]:
         model(input_ids=seq[:, -1:], past_key_values=out.past_key_values, logits_to_keep=1)
+
+
+def greedy_generate(
+    model: Any, tok: Any, ids: torch.Tensor, attention_mask: torch.Tensor, n_new: int, bar: tqdm
+) -> Any:
+    """Greedy generation of up to ``n_new`` tokens after ``ids`` ``[B, T0]`` (left-padded when
+    B > 1), ticking ``bar`` per generated token; generate()'s output (``.sequences``
+    ``[B, T0 + generated]``, finished sequences continued with the pad token)."""
+    return model.generate(
+        ids,
+        attention_mask=attention_mask,
+        max_new_tokens=n_new,
+        do_sample=False,
+        return_dict_in_generate=True,
+        stopping_criteria=StoppingCriteriaList([ProgressTick(bar)]),
+        pad_token_id=pad_token_id(tok),
+    )
+
+
+def pad_token_id(tok: Any) -> int | None:
+    """The tokenizer's pad token, else its end-of-sequence token."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def check_context(lm: LoadedModel, n_tokens: int) -> None:
@@ -131,6 +146,6 @@ def check_context(lm: LoadedModel, n_tokens: int) -> None:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is not None and n_tokens > limit:
         raise AttnscopeError(
-            f"prompt + generation is {n_tokens} tokens, longer than {lm.name!r}'s context of "
-            f"{limit} tokens; shorten the prompt or generate fewer tokens"
+            f"prompt + generation is {n_tokens} tokens, longer than the context of {lm.name!r} "
+            f"({limit} tokens); shorten the prompt or generate fewer tokens"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -15,17 +16,20 @@ DEMO_PROMPT = (
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    layers = _int_list(args.layers)
+    keep_qk = True if args.keep_qk == "all" else (_int_list(args.keep_qk) or False)
+    if args.prompts:
+        return _analyze_corpus(args, out, layers, keep_qk)
+
     from attnscope.analyze import analyze
     from attnscope.models import load
     from attnscope.report import write_report
 
-    out = Path(args.out)
     if out.exists() and not args.overwrite:  # refuse before the slow part
         raise RunExistsError(f"run directory {out} already exists; pass --overwrite to replace it")
     print(f"loading {args.model} ...", file=sys.stderr)
     lm = load(args.model)
-    layers = _int_list(args.layers)
-    keep_qk = True if args.keep_qk == "all" else (_int_list(args.keep_qk) or False)
     trace = analyze(
         lm,
         args.prompt,
@@ -50,6 +54,43 @@ def _analyze(args: argparse.Namespace) -> int:
     print(f"results: {out / 'stats.parquet'} and {out / 'trace.json'}")
     print(f"report:  {report.resolve()}")
     return 0
+
+
+def _analyze_corpus(
+    args: argparse.Namespace, out: Path, layers: list[int] | None, keep_qk: list[int] | bool
+) -> int:
+    from attnscope.corpus import analyze_corpus, read_prompts
+    from attnscope.store.runs import sql_string
+
+    summary = analyze_corpus(
+        args.model,  # loaded only once the run directory is known to be new or resumable
+        read_prompts(args.prompts),
+        generate=args.generate,
+        out=out,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        layers=layers,
+        keep_qk=keep_qk,
+        overwrite=args.overwrite,
+    )
+    resumed = f" ({len(summary.resumed)} from an earlier run)" if summary.resumed else ""
+    print(f"{len(summary.done)} prompts done{resumed}, {len(summary.skipped)} skipped")
+    for pid, error in summary.skipped.items():
+        print(f"  skipped {pid!r}: {error}")
+    sql = (
+        f"SELECT prompt, avg(waad) AS waad FROM stats WHERE run = {sql_string(out.name)} "
+        "GROUP BY prompt ORDER BY prompt"
+    )
+    print(f"results: {out} (corpus.json, one run per prompt in prompts/<id>/)")
+    print(f"query:   attnscope query {_shell_quote(str(out.parent))} {_shell_quote(sql)}")
+    return 0
+
+
+def _shell_quote(text: str) -> str:
+    """``text`` as one shell word: in double quotes when that is safe (readable SQL)."""
+    if any(c in text for c in '"$`\\!'):
+        return shlex.quote(text)
+    return f'"{text}"'
 
 
 def _int_list(text: str | None) -> list[int] | None:
@@ -213,10 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="run a model on a prompt and store its attention statistics")
     p.add_argument("--model", default="gemma3-270m", help="alias, local directory or cached HF id")
-    p.add_argument("--prompt", default=DEMO_PROMPT)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", default=DEMO_PROMPT)
+    source.add_argument(
+        "--prompts",
+        default=None,
+        help='JSONL file of {"prompt": ..., "id": ...} lines: a resumable corpus run',
+    )
     p.add_argument("--generate", type=int, default=0, help="greedy tokens to generate")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (with --prompts)")
     p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run directory (with --prompts, an existing corpus run is "
+        "resumed without it)",
+    )
     p.add_argument("--backend", default="auto", help="auto | chunked | dense | triton")
     p.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
     p.add_argument(

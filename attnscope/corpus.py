@@ -1,0 +1,363 @@
+"""``analyze_corpus(lm, prompts)``: many prompts, batched and resumable, stored as one run.
+
+Layout of a corpus run ``out/``: ``corpus.json`` (model, parameters, prompt ids in order, failed
+prompts with their error) and one Trace run per finished prompt in ``prompts/<id>/``. A prompt is
+done iff its directory exists (``Trace.save`` renames a complete temporary directory into place),
+so an interrupted run loses at most the batch in flight and resumes by running it again.
+
+Statistics are exact per prompt: generation runs batched without capture (finished sequences keep
+producing pad tokens that would attend), then each batch's final sequences (prompt + response up
+to and including the first end-of-sequence token) go through one left-padded forward pass under
+``Capture``, which drops the padding of every sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from attnscope.analyze import check_context, greedy_generate, label_run, pad_token_id
+from attnscope.atomic import write_file_atomically
+from attnscope.errors import AttnscopeError, RunExistsError
+from attnscope.metrics.dense import FAI_HORIZON, WAAD_WINDOW
+from attnscope.models.loaded import LoadedModel
+from attnscope.models.loader import load
+from attnscope.probes.capture import Capture
+from attnscope.store.runs import CORPUS_FILE, CORPUS_FORMAT, PROMPTS_DIR, id_problem
+from attnscope.trace import TRACE_FILE, Trace
+
+CORPUS_VERSION = 1
+PromptSpec = str | tuple[str, str] | Mapping[str, Any]
+
+
+@dataclass
+class CorpusSummary:
+    """What a corpus run holds after ``analyze_corpus``."""
+
+    path: Path
+    done: list[str]  # ids of the stored prompts, in corpus order (earlier calls included)
+    skipped: dict[str, str]  # id -> error text of the prompts that failed in this call
+    resumed: list[str] = field(default_factory=list)  # ids already stored before this call
+
+
+@dataclass
+class _Prompt:
+    id: str
+    text: str
+    ids: Tensor  # [T0] token ids
+
+
+def analyze_corpus(
+    lm: LoadedModel | str,
+    prompts: Sequence[PromptSpec],
+    generate: int = 0,
+    *,
+    out: str | Path,
+    batch_size: int = 8,
+    metrics: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    backend: str = "auto",
+    window: int = WAAD_WINDOW,
+    fai_horizon: tuple[int, int] | None = FAI_HORIZON,
+    fai_rows: tuple[int, int] | str | None = None,
+    sink_tokens: int = 1,
+    keep_qk: Sequence[int] | bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> CorpusSummary:
+    """Analyze every prompt as ``analyze(lm, text, generate)`` would, in batches of ``batch_size``
+    (prompts sorted by length), into the corpus run ``out`` (see the module docstring).
+
+    ``prompts``: texts (id = index), ``(id, text)`` pairs or ``{"prompt": ..., "id": ...}`` dicts.
+    ``lm`` may be a model name, then loaded only once ``out`` is known to be usable. An existing
+    ``out`` of the same model, parameters and prompts is resumed; one that differs is refused
+    unless ``overwrite``. A prompt that fails (too long for the context, an exception in its
+    batch) is reported on stderr, recorded in ``corpus.json`` and skipped; a later call retries it.
+    ``fai_rows="response"`` batches only prompts of equal token length together (the FAI rows
+    of a batch are shared). Causal language models only (padding is dropped for causal attention).
+    """
+    if generate < 0:
+        raise ValueError(f"generate must be >= 0, got {generate}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(fai_rows, str) and fai_rows != "response":
+        raise ValueError(f"fai_rows must be (start, end), 'response' or None, got {fai_rows!r}")
+    entries = prompt_list(prompts)
+    out = Path(out)
+    options = dict(
+        metrics=None if metrics is None else list(metrics),
+        layers=None if layers is None else sorted(set(layers)),
+        backend=backend,
+        window=window,
+        fai_horizon=fai_horizon,
+        fai_rows=fai_rows,
+        sink_tokens=sink_tokens,
+        keep_qk=keep_qk if isinstance(keep_qk, bool) else sorted(set(keep_qk)),
+    )
+    manifest = {
+        "format": CORPUS_FORMAT,
+        "format_version": CORPUS_VERSION,
+        "model": lm if isinstance(lm, str) else lm.name,
+        "parameters": json.loads(json.dumps({"generate": generate, **options})),
+        "prompts_sha256": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
+        "prompts": [pid for pid, _ in entries],
+        "failed": {},
+    }
+    resume = _check_out(out, manifest, overwrite)
+    if isinstance(lm, str):
+        if progress:
+            print(f"loading {lm} ...", file=sys.stderr)
+        lm = load(lm)
+    if lm.kind != "causal-lm":
+        raise AttnscopeError(
+            f"analyze_corpus() takes causal language models; {lm.name!r} is a {lm.kind} model "
+            "(use analyze() per text)"
+        )
+    # check metrics, backend and window once, not in every batch
+    Capture(lm.model, **{**options, "fai_rows": None if fai_rows == "response" else fai_rows})
+    _open_out(out, resume)
+
+    prompts_dir = out / PROMPTS_DIR
+    resumed = [pid for pid, _ in entries if (prompts_dir / pid / TRACE_FILE).is_file()]
+    stored = set(resumed)
+    failed: dict[str, str] = manifest["failed"]
+    todo = []
+    for pid, text in entries:
+        if pid in stored:
+            continue
+        ids = lm.tokenizer(text, return_tensors="pt").input_ids[0]  # [T0]
+        try:
+            check_context(lm, len(ids) + generate)
+        except AttnscopeError as err:
+            _fail(failed, [pid], str(err))
+            continue
+        todo.append(_Prompt(pid, text, ids))
+    write_file_atomically(out / CORPUS_FILE, json.dumps(manifest, indent=1))
+
+    planned = sum(len(p.ids) for p in todo) + generate * len(todo)
+    with tqdm(total=planned, desc="analyzing", unit="tok", disable=not progress) as bar:
+        for batch in _batches(todo, batch_size, same_length=fai_rows == "response"):
+            before = bar.n
+            try:
+                traces = _analyze_batch(lm, batch, generate, options, bar)
+                for prompt, trace in zip(batch, traces, strict=True):
+                    trace.save(prompts_dir / prompt.id)
+            except Exception as err:  # reported and skipped: one bad batch must not end the run
+                lost = [p.id for p in batch if not (prompts_dir / p.id / TRACE_FILE).is_file()]
+                _fail(failed, lost, f"{type(err).__name__}: {err}")
+                write_file_atomically(out / CORPUS_FILE, json.dumps(manifest, indent=1))
+            # generation may stop early (end of sequence) or fail: keep the total reachable
+            bar.total -= sum(len(p.ids) + generate for p in batch) - (bar.n - before)
+            bar.set_postfix(skipped=len(failed), refresh=True)
+    done = [pid for pid, _ in entries if (prompts_dir / pid / TRACE_FILE).is_file()]
+    return CorpusSummary(path=out, done=done, skipped=failed, resumed=resumed)
+
+
+def read_prompts(file: str | Path) -> list[tuple[str, str]]:
+    """``(id, text)`` pairs from a JSONL file of ``{"prompt": "...", "id": "..."}`` objects (blank
+    lines skipped; the id defaults to the 0-based line number). Errors name the line."""
+    file = Path(file)
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise AttnscopeError(f"cannot read the prompts file {file}: {err}") from err
+    entries = []
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        where = f"{file} line {n + 1}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AttnscopeError(f"{where}: not valid JSON ({err.msg})") from err
+        entries.append(_entry(where, str(n), obj))
+    return _validated(entries)
+
+
+def prompt_list(prompts: Sequence[PromptSpec]) -> list[tuple[str, str]]:
+    """``(id, text)`` pairs from texts (id = index), pairs or dicts, with checked ids."""
+    if isinstance(prompts, str | Mapping):
+        raise AttnscopeError("prompts must be a list (of texts, (id, text) pairs or dicts)")
+    entries = []
+    for i, p in enumerate(prompts):
+        where = f"prompt {i}"
+        if isinstance(p, str):
+            entries.append((where, str(i), p))
+        elif isinstance(p, tuple) and len(p) == 2:
+            entries.append((where, *p))
+        else:
+            entries.append(_entry(where, str(i), p))
+    if not entries:
+        raise AttnscopeError("no prompts given")
+    return _validated(entries)
+
+
+def _entry(where: str, default_id: str, obj: Any) -> tuple[str, Any, Any]:
+    if not isinstance(obj, Mapping):
+        raise AttnscopeError(
+            f'{where}: expected an object like {{"prompt": "...", "id": "..."}}, '
+            f"got {type(obj).__name__}"
+        )
+    return where, obj.get("id", default_id), obj.get("prompt")
+
+
+def _validated(entries: list[tuple[str, Any, Any]]) -> list[tuple[str, str]]:
+    """Check texts and ids (strings usable as directory names, unique); ``(id, text)`` pairs."""
+    first: dict[str, str] = {}
+    for where, pid, text in entries:
+        if not isinstance(text, str) or not text:
+            raise AttnscopeError(f'{where}: "prompt" must be a non-empty string, got {text!r}')
+        if not isinstance(pid, str):
+            raise AttnscopeError(f"{where}: the id must be a string, got {pid!r}")
+        problem = id_problem(pid)
+        if problem:
+            raise AttnscopeError(
+                f"{where}: id {pid!r} {problem}; ids name directories: non-empty, no '/', '\\' "
+                "or control characters, not starting with '.'"
+            )
+        if pid in first:
+            raise AttnscopeError(f"{where}: id {pid!r} is already used by {first[pid]}")
+        first[pid] = where
+    return [(pid, text) for _, pid, text in entries]
+
+
+def _check_out(out: Path, manifest: dict, overwrite: bool) -> bool:
+    """Whether ``out`` holds this corpus run to resume (False: a new one is made); refuses an
+    ``out`` that holds something else, unless ``overwrite`` and it is an attnscope run."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return False
+    if overwrite:
+        if any((out / f).is_file() for f in (CORPUS_FILE, TRACE_FILE)):
+            return False
+        raise AttnscopeError(f"{out} is not an attnscope run: refusing to overwrite it")
+    if not (out / CORPUS_FILE).is_file():
+        raise RunExistsError(
+            f"{out} exists and is not a corpus run; choose another out directory or pass "
+            "overwrite=True (CLI: --overwrite)"
+        )
+    try:
+        old = json.loads((out / CORPUS_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise AttnscopeError(
+            f"cannot read {out / CORPUS_FILE} ({err}); pass overwrite=True (CLI: --overwrite)"
+        ) from err
+    old_params, new_params = old.get("parameters") or {}, manifest["parameters"]
+    differences = [
+        f"{key}={old_params.get(key)!r} (now {new_params.get(key)!r})"
+        for key in dict.fromkeys([*old_params, *new_params])
+        if old_params.get(key) != new_params.get(key)
+    ]
+    if old.get("model") != manifest["model"]:
+        differences.insert(0, f"model {old.get('model')!r} (now {manifest['model']!r})")
+    if old.get("prompts_sha256") != manifest["prompts_sha256"]:
+        differences.append("the prompts (ids or texts)")
+    if differences:
+        raise RunExistsError(
+            f"{out} holds a corpus run that differs: {'; '.join(differences)}. Resume it with the "
+            "same model, parameters and prompts, or pass overwrite=True (CLI: --overwrite)"
+        )
+    return True
+
+
+def _open_out(out: Path, resume: bool) -> None:
+    """Make ``out`` an empty corpus run, or clear what an interrupted one left half-written."""
+    prompts_dir = out / PROMPTS_DIR
+    if resume:
+        for tmp in prompts_dir.glob(".*"):  # temporary directories of a killed save
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if out.exists():
+        shutil.rmtree(out)
+    prompts_dir.mkdir(parents=True)
+
+
+def _fail(failed: dict[str, str], ids: list[str], error: str) -> None:
+    for pid in ids:
+        failed[pid] = error
+        tqdm.write(f"attnscope: skipped prompt {pid!r}: {error}", file=sys.stderr)
+
+
+def _batches(prompts: list[_Prompt], size: int, same_length: bool) -> list[list[_Prompt]]:
+    """Prompts sorted by token count (ties in corpus order), in batches of at most ``size``;
+    with ``same_length`` a batch holds prompts of one length only."""
+    batches: list[list[_Prompt]] = []
+    for p in sorted(prompts, key=lambda p: len(p.ids)):
+        last = batches[-1] if batches else None
+        if last and len(last) < size and (not same_length or len(last[0].ids) == len(p.ids)):
+            last.append(p)
+        else:
+            batches.append([p])
+    return batches
+
+
+def _analyze_batch(
+    lm: LoadedModel, batch: list[_Prompt], generate: int, options: dict, bar: tqdm
+) -> list[Trace]:
+    """Generate for a batch, then capture one padded forward pass of its final sequences; one
+    labelled Trace per prompt (padding dropped)."""
+    model, tok = lm.model, lm.tokenizer
+    start = time.perf_counter()
+    seqs = [p.ids for p in batch]
+    if generate:
+        seqs = _generated(lm, seqs, generate, bar)
+    ids, mask = _left_pad(seqs, pad_token_id(tok), model.device)  # [B, T]
+    n_prompt = len(batch[0].ids)
+    fai_rows = options["fai_rows"]
+    if fai_rows == "response":  # the batch's prompts share one length
+        fai_rows = (n_prompt, n_prompt + generate)
+    cap = Capture(model, tokenizer=tok, **{**options, "fai_rows": fai_rows})
+    with torch.no_grad(), cap:
+        model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            logits_to_keep=1,
+        )
+    bar.update(sum(len(p.ids) for p in batch))
+    traces = cap.traces()
+    for prompt, trace in zip(batch, traces, strict=True):
+        label_run(trace, lm, len(prompt.ids), prompt.text, start).meta["prompt_id"] = prompt.id
+    return traces
+
+
+def _generated(lm: LoadedModel, prompts: list[Tensor], generate: int, bar: tqdm) -> list[Tensor]:
+    """Each prompt ``[T0_i]`` followed by its greedy response up to and including the first
+    end-of-sequence token (batched generation, left padding)."""
+    ids, mask = _left_pad(prompts, pad_token_id(lm.tokenizer), lm.model.device)  # [B, T0]
+    out = greedy_generate(lm.model, lm.tokenizer, ids, mask, generate, bar)
+    new = out.sequences[:, ids.shape[1] :].cpu()  # [B, generated]
+    eos = _eos_ids(lm.model)
+    return [torch.cat([p, cut_at_eos(r, eos)]) for p, r in zip(prompts, new, strict=True)]
+
+
+def cut_at_eos(response: Tensor, eos: set[int]) -> Tensor:
+    """``response`` ``[G]`` up to and including its first end-of-sequence token."""
+    hits = [i for i, t in enumerate(response.tolist()) if t in eos]
+    return response[: hits[0] + 1] if hits else response
+
+
+def _eos_ids(model: Any) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+
+
+def _left_pad(seqs: list[Tensor], pad: int | None, device: Any) -> tuple[Tensor, Tensor]:
+    """Left-padded token ids ``[B, T]`` and attention mask ``[B, T]`` (1 = token)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), 0 if pad is None else pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s) :] = s
+        mask[row, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
