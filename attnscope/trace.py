@@ -96,7 +96,9 @@ class Trace:
             "token": token,
         }
         for name, t in {**self.rows, **self.cols}.items():
-            columns[name] = t.detach().float().cpu().numpy().reshape(-1)
+            values = t.detach().float().cpu().numpy().reshape(-1)
+            # undefined values (NaN: e.g. FAI without a horizon) are SQL NULLs, which avg() skips
+            columns[name] = pa.array(values, mask=np.isnan(values))
         return pa.table(columns)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:

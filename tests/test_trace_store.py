@@ -42,6 +42,16 @@ def test_round_trip(tmp_path):
     torch.testing.assert_close(back.cols["fai"], trace.cols["fai"], equal_nan=True)
 
 
+def test_undefined_values_are_sql_nulls(tmp_path):
+    trace = make_trace()
+    trace.cols["fai"][..., -2:] = float("nan")  # no key in the horizon
+    trace.save(tmp_path / "run")
+    store = RunStore(tmp_path)
+    nulls, mean = store.sql("SELECT count(*) FILTER (fai IS NULL), avg(fai) FROM stats").columns
+    assert nulls[0].as_py() == 2 * 2 * 3
+    assert mean[0].as_py() == pytest.approx(trace.cols["fai"].nanmean().item(), rel=1e-6)
+
+
 def test_to_arrow_is_long_and_ordered():
     trace = make_trace()
     table = trace.to_arrow()

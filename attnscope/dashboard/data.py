@@ -36,7 +36,8 @@ def error_text(err: Exception) -> str:
 
 
 def list_runs(store: RunStore) -> list[RunInfo]:
-    """The store's runs; an unreadable header becomes an error naming the root."""
+    """The store's runs (unreadable ones skipped with a warning); an unreadable root becomes an
+    error naming it."""
     try:
         return store.runs()
     except (OSError, ValueError, KeyError) as err:
