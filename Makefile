@@ -35,8 +35,8 @@ test: install system-deps
 	$(VENV)/bin/pytest -q --durations=15 tests
 
 lint: install
-	$(VENV)/bin/ruff check attnscope tests benchmarks
-	$(VENV)/bin/ruff format --check attnscope tests benchmarks
+	$(VENV)/bin/ruff check attnscope tests benchmarks notebooks
+	$(VENV)/bin/ruff format --check attnscope tests benchmarks notebooks
 
 bench: install
 	$(PY) benchmarks/capture.py
