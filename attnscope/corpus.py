@@ -18,12 +18,14 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -114,54 +116,55 @@ def analyze_corpus(
         "prompts": [pid for pid, _ in entries],
         "failed": {},
     }
-    resume = _check_out(out, manifest, overwrite)
-    if isinstance(lm, str):
-        if progress:
-            print(f"loading {lm} ...", file=sys.stderr)
-        lm = load(lm)
-    if lm.kind != "causal-lm":
-        raise AttnscopeError(
-            f"analyze_corpus() takes causal language models; {lm.name!r} is a {lm.kind} model "
-            "(use analyze() per text)"
-        )
-    # check metrics, backend and window once, not in every batch
-    Capture(lm.model, **{**options, "fai_rows": None if fai_rows == "response" else fai_rows})
-    _open_out(out, resume)
+    with _exclusive(out):  # one writer per corpus run
+        resume = _check_out(out, manifest, overwrite)
+        if isinstance(lm, str):
+            if progress:
+                print(f"loading {lm} ...", file=sys.stderr)
+            lm = load(lm)
+        if lm.kind != "causal-lm":
+            raise AttnscopeError(
+                f"analyze_corpus() takes causal language models; {lm.name!r} is a {lm.kind} model "
+                "(use analyze() per text)"
+            )
+        # check metrics, backend and window once, not in every batch
+        Capture(lm.model, **{**options, "fai_rows": None if fai_rows == "response" else fai_rows})
+        _open_out(out, resume)
 
-    prompts_dir = out / PROMPTS_DIR
-    resumed = [pid for pid, _ in entries if (prompts_dir / pid / TRACE_FILE).is_file()]
-    stored = set(resumed)
-    failed: dict[str, str] = manifest["failed"]
-    todo = []
-    for pid, text in entries:
-        if pid in stored:
-            continue
-        ids = lm.tokenizer(text, return_tensors="pt").input_ids[0]  # [T0]
-        try:
-            check_context(lm, len(ids) + generate)
-        except AttnscopeError as err:
-            _fail(failed, [pid], str(err))
-            continue
-        todo.append(_Prompt(pid, text, ids))
-    write_file_atomically(out / CORPUS_FILE, json.dumps(manifest, indent=1))
-
-    planned = sum(len(p.ids) for p in todo) + generate * len(todo)
-    with tqdm(total=planned, desc="analyzing", unit="tok", disable=not progress) as bar:
-        for batch in _batches(todo, batch_size, same_length=fai_rows == "response"):
-            before = bar.n
+        prompts_dir = out / PROMPTS_DIR
+        resumed = [pid for pid, _ in entries if (prompts_dir / pid / TRACE_FILE).is_file()]
+        stored = set(resumed)
+        failed: dict[str, str] = manifest["failed"]
+        todo = []
+        for pid, text in entries:
+            if pid in stored:
+                continue
+            ids = lm.tokenizer(text, return_tensors="pt").input_ids[0]  # [T0]
             try:
-                traces = _analyze_batch(lm, batch, generate, options, bar)
-                for prompt, trace in zip(batch, traces, strict=True):
-                    trace.save(prompts_dir / prompt.id)
-            except Exception as err:  # reported and skipped: one bad batch must not end the run
-                lost = [p.id for p in batch if not (prompts_dir / p.id / TRACE_FILE).is_file()]
-                _fail(failed, lost, f"{type(err).__name__}: {err}")
-                write_file_atomically(out / CORPUS_FILE, json.dumps(manifest, indent=1))
-            # generation may stop early (end of sequence) or fail: keep the total reachable
-            bar.total -= sum(len(p.ids) + generate for p in batch) - (bar.n - before)
-            bar.set_postfix(skipped=len(failed), refresh=True)
-    done = [pid for pid, _ in entries if (prompts_dir / pid / TRACE_FILE).is_file()]
-    return CorpusSummary(path=out, done=done, skipped=failed, resumed=resumed)
+                check_context(lm, len(ids) + generate)
+            except AttnscopeError as err:
+                _fail(failed, [pid], str(err))
+                continue
+            todo.append(_Prompt(pid, text, ids))
+        write_file_atomically(out / CORPUS_FILE, json.dumps(manifest, indent=1))
+
+        planned = sum(len(p.ids) for p in todo) + generate * len(todo)
+        with tqdm(total=planned, desc="analyzing", unit="tok", disable=not progress) as bar:
+            for batch in _batches(todo, batch_size, same_length=fai_rows == "response"):
+                before = bar.n
+                try:
+                    traces = _analyze_batch(lm, batch, generate, options, bar)
+                    for prompt, trace in zip(batch, traces, strict=True):
+                        trace.save(prompts_dir / prompt.id)
+                except Exception as err:  # reported and skipped: one bad batch must not end the run
+                    lost = [p.id for p in batch if not (prompts_dir / p.id / TRACE_FILE).is_file()]
+                    _fail(failed, lost, f"{type(err).__name__}: {err}")
+                    write_file_atomically(out / CORPUS_FILE, json.dumps(manifest, indent=1))
+                # generation may stop early (end of sequence) or fail: keep the total reachable
+                bar.total -= sum(len(p.ids) + generate for p in batch) - (bar.n - before)
+                bar.set_postfix(skipped=len(failed), refresh=True)
+        done = [pid for pid, _ in entries if (prompts_dir / pid / TRACE_FILE).is_file()]
+        return CorpusSummary(path=out, done=done, skipped=failed, resumed=resumed)
 
 
 def read_prompts(file: str | Path) -> list[tuple[str, str]]:
@@ -230,6 +233,24 @@ def _validated(entries: list[tuple[str, Any, Any]]) -> list[tuple[str, str]]:
             raise AttnscopeError(f"{where}: id {pid!r} is already used by {first[pid]}")
         first[pid] = where
     return [(pid, text) for _, pid, text in entries]
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold the writer lock of corpus run ``out`` (a file beside it), or refuse at once."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out.parent / f".{out.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout as err:
+        raise AttnscopeError(
+            f"another process is writing the corpus run {out}; let it finish (or stop it), "
+            "then run the same command again to resume"
+        ) from err
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _check_out(out: Path, manifest: dict, overwrite: bool) -> bool:

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from filelock import FileLock
 
 import attnscope as asc
 from attnscope import corpus
@@ -236,6 +237,17 @@ def test_existing_out_directories(gpt2, tmp_path):
     with pytest.raises(AttnscopeError, match="refusing to overwrite"):
         asc.analyze_corpus(gpt2, texts, out=other, overwrite=True, progress=False)
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_run(gpt2, tmp_path):
+    out = tmp_path / "c"
+    with (
+        FileLock(str(tmp_path / ".c.lock")),  # what a running analyze_corpus holds
+        pytest.raises(AttnscopeError, match="another process is writing the corpus run"),
+    ):
+        asc.analyze_corpus(gpt2, ["a b"], out=out, progress=False)
+    assert not out.exists()
+    assert asc.analyze_corpus(gpt2, ["a b"], out=out, progress=False).done == ["0"]
 
 
 # -- prompt files and ids ---------------------------------------------------------------------------
