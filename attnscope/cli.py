@@ -60,6 +60,7 @@ def _analyze_corpus(
     args: argparse.Namespace, out: Path, layers: list[int] | None, keep_qk: list[int] | bool
 ) -> int:
     from attnscope.corpus import analyze_corpus, read_prompts
+    from attnscope.corpus_report import write_corpus_report
     from attnscope.store.runs import sql_string
 
     summary = analyze_corpus(
@@ -82,6 +83,8 @@ def _analyze_corpus(
         "GROUP BY prompt ORDER BY prompt"
     )
     print(f"results: {out} (corpus.json, one run per prompt in prompts/<id>/)")
+    if summary.done:
+        print(f"report:  {write_corpus_report(out)}")
     print(f"query:   attnscope query {_shell_quote(str(out.parent))} {_shell_quote(sql)}")
     return 0
 

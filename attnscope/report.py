@@ -59,26 +59,33 @@ def token_strip(trace: Trace, names: tuple[str, ...] = STRIP_METRICS) -> go.Figu
 
 def head_maps(trace: Trace) -> go.Figure:
     """Layer x head heatmaps: head span, mean entropy, first-token sink score."""
+    groups, sinks = trace.head_groups(), trace.sink_heads()
+    labels = [
+        [head_label(groups, sinks, li, h) for h in range(trace.n_heads)]
+        for li in range(len(trace.layers))
+    ]
     panels = {
         "head span (mean look-back distance)": trace.head_span(),
         "mean entropy": torch.nanmean(trace.rows["entropy"], -1),
         "sink score of token 0": trace.cols["sink_score"][..., 0],
     }
+    return layer_head_panels(panels, trace.layers, labels, "Heads")
+
+
+def layer_head_panels(
+    panels: dict[str, torch.Tensor], layers: list[int], labels: list[list[str]], title: str
+) -> go.Figure:
+    """One layer x head heatmap per panel (values ``[L, H]``), hover text from ``labels``."""
     fig = make_subplots(
         rows=1, cols=len(panels), subplot_titles=list(panels), horizontal_spacing=0.1
     )
-    groups = trace.head_groups()
     for col, z in enumerate(panels.values(), start=1):
-        text = [
-            [_head_label(groups, trace, li, h) for h in range(trace.n_heads)]
-            for li in range(len(trace.layers))
-        ]
         fig.add_trace(
             go.Heatmap(
                 z=z.numpy(),
-                x=[f"h{h}" for h in range(trace.n_heads)],
-                y=[f"L{i}" for i in trace.layers],
-                text=text,
+                x=[f"h{h}" for h in range(z.shape[1])],
+                y=[f"L{i}" for i in layers],
+                text=labels,
                 colorscale="Magma",
                 hovertemplate="%{y} %{x}: %{z:.3f}<br>%{text}<extra></extra>",
                 colorbar=dict(x=fig.layout[f"xaxis{col}"].domain[1] + 0.005, len=0.9, thickness=12),
@@ -86,13 +93,14 @@ def head_maps(trace: Trace) -> go.Figure:
             row=1,
             col=col,
         )
-    fig.update_layout(height=80 + 22 * len(trace.layers), title="Heads")
+    fig.update_layout(height=80 + 22 * len(layers), title=title)
     return fig
 
 
-def _head_label(groups: dict[str, torch.Tensor], trace: Trace, layer: int, head: int) -> str:
+def head_label(groups: dict[str, torch.Tensor], sinks: torch.Tensor, layer: int, head: int) -> str:
+    """``local``, ``global`` and/or ``sink`` for layer index ``layer``, or ``-``."""
     tags = [g for g, m in groups.items() if bool(m[layer, head])]
-    if bool(trace.sink_heads()[layer, head]):
+    if bool(sinks[layer, head]):
         tags.append("sink")
     return ", ".join(tags) or "-"
 
@@ -120,15 +128,18 @@ def write_report(trace: Trace, run_dir: Path) -> Path:
         + "<p>The token strip's colour scales leave out the first token, often an attention sink "
         "that would dwarf the rest (hover shows every value).</p>"
     )
-    figures = [token_strip(trace), head_maps(trace)]
+    path = Path(run_dir) / "report.html"
+    write_file_atomically(path, html_page(summary, [token_strip(trace), head_maps(trace)]))
+    return path
+
+
+def html_page(summary_html: str, figures: list[go.Figure], title: str = "attnscope report") -> str:
+    """A self-contained page (plotly.js inlined once): ``summary_html`` then the figures."""
     body = "".join(
         f.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
         for i, f in enumerate(figures)
     )
-    path = Path(run_dir) / "report.html"
-    write_file_atomically(
-        path,
-        f"<!doctype html><html><head><meta charset='utf-8'><title>attnscope report</title>"
-        f"</head><body style='font-family:sans-serif'>{summary}{body}</body></html>",
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"</head><body style='font-family:sans-serif'>{summary_html}{body}</body></html>"
     )
-    return path

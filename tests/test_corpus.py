@@ -1,5 +1,6 @@
 """Corpus runs: batched statistics equal analyze() per prompt, kill/resume, failures, RunStore."""
 
+import html
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from filelock import FileLock
 import attnscope as asc
 from attnscope import corpus
 from attnscope.cli import main
+from attnscope.corpus_report import corpus_head_stats, write_corpus_report
 from attnscope.errors import AttnscopeError, RunExistsError
 from attnscope.store import RunStore
 
@@ -348,3 +350,24 @@ def test_run_store_sees_corpus_prompts(gpt2, tmp_path):
     with pytest.warns(UserWarning):  # the rest stays queryable
         table = store.sql("SELECT DISTINCT run, prompt FROM stats ORDER BY run")
     assert table.to_pylist() == [{"run": "c", "prompt": "p0"}, {"run": "single", "prompt": None}]
+
+
+# -- corpus report ------------------------------------------------------------------------------
+def test_corpus_report_aggregates_every_stored_prompt(gpt2, tmp_path):
+    texts = [("a", "one two three four"), ("b", "five six seven"), ("c", "eight nine ten x y z")]
+    out = tmp_path / "root" / "corpus"
+    asc.analyze_corpus(gpt2, texts, generate=3, out=out, batch_size=2, progress=False)
+    traces = [asc.Trace.load(out / "prompts" / pid) for pid, _ in texts]
+
+    layers, panels = corpus_head_stats(out.parent, out.name)
+    assert layers == traces[0].layers
+    tokens = torch.cat([t.rows["mean_distance"] for t in traces], dim=-1)  # [L, H, all tokens]
+    span = panels["head span (mean look-back distance)"]
+    torch.testing.assert_close(span, tokens.mean(-1), atol=1e-5, rtol=1e-5)
+    sinks = torch.stack([t.cols["sink_score"][..., 0] > 0.3 for t in traces]).float().mean(0)
+    torch.testing.assert_close(panels["share of prompts with sink score of token 0 > 0.3"], sinks)
+
+    (out / "prompts" / "b" / "trace.json").rename(out / "b.json")  # as if b had not been stored
+    page = write_corpus_report(out).read_text()
+    assert "Prompts: 2 of 3 stored" in page and "not stored: not analysed yet" in page
+    assert html.escape(traces[0].meta["generated_text"][:20]) in page

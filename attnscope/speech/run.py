@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from safetensors.torch import save_file
 
 from attnscope.atomic import write_dir_atomically
-from attnscope.report import head_maps
+from attnscope.report import head_maps, html_page
 from attnscope.speech.analysis import SpeechAnalysis
 from attnscope.speech.plots import alignment_figure, deletion_figure, token_figure, token_frame_maps
 
@@ -153,11 +153,4 @@ def _report(analysis: SpeechAnalysis, figures: dict[str, go.Figure]) -> str:
         f"<h2>Saliency</h2><pre>{html.escape(saliency_text(analysis))}</pre>"
         f"<h2>Word timings</h2><pre>{html.escape(words_text(analysis))}</pre>"
     )
-    body = "".join(
-        f.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
-        for i, f in enumerate(figures.values())
-    )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>attnscope speech report</title>"
-        f"</head><body style='font-family:sans-serif'>{summary}{body}</body></html>"
-    )
+    return html_page(summary, list(figures.values()), "attnscope speech report")

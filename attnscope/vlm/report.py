@@ -12,6 +12,7 @@ from PIL import Image
 from plotly.subplots import make_subplots
 
 from attnscope.atomic import write_file_atomically
+from attnscope.report import html_page
 from attnscope.trace import Trace
 from attnscope.vlm.heatmap import overlay, overlay_figure, token_heatmaps
 from attnscope.vlm.layout import ImageLayout
@@ -71,19 +72,11 @@ def write_overlays(
             overlay(image, grid, span).save(png)
             pngs.append(png)
             figures.append(overlay_figure(image, grid, span, title=f"{label} on {span.name}"))
-    body = "".join(
-        f.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
-        for i, f in enumerate(figures)
-    )
-    title = html.escape(f"attnscope VLM overlays: {trace.meta.get('model', '?')}")
+    title = f"attnscope VLM overlays: {trace.meta.get('model', '?')}"
     text = html.escape(f"{trace.meta.get('text', '')}[{trace.meta.get('generated_text', '')}]")
+    summary = f"<h1>{html.escape(title)}</h1><pre style='white-space:pre-wrap'>{text}</pre>"
     page = run_dir / "overlays.html"
-    write_file_atomically(
-        page,
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
-        f"<body style='font-family:sans-serif'><h1>{title}</h1>"
-        f"<pre style='white-space:pre-wrap'>{text}</pre>{body}</body></html>",
-    )
+    write_file_atomically(page, html_page(summary, figures, title))
     return page, pngs
 
 
