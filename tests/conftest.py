@@ -31,3 +31,13 @@ except ImportError:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A fresh model cache (ATTNSCOPE_CACHE) for one test module: tiny models are built there."""
+    mp = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("cache")
+    mp.setenv("ATTNSCOPE_CACHE", str(path))
+    yield path
+    mp.undo()

@@ -10,15 +10,6 @@ from attnscope.errors import AttnscopeError
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    path = tmp_path_factory.mktemp("cache")
-    mp.setenv("ATTNSCOPE_CACHE", str(path))
-    yield path
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def lm(cache_dir):
     return asc.load("tiny-llama")
 

@@ -29,15 +29,6 @@ TEXTS = [
 GENERATE = 8
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    path = tmp_path_factory.mktemp("cache")
-    mp.setenv("ATTNSCOPE_CACHE", str(path))
-    yield path
-    mp.undo()
-
-
 @pytest.fixture(scope="module", params=["tiny-gpt2", "tiny-llama"])
 def lm(request, cache_dir):
     return asc.load(request.param)
