@@ -101,6 +101,17 @@ class Trace:
             columns[name] = pa.array(values, mask=np.isnan(values))
         return pa.table(columns)
 
+    def layer_qk(self, layer: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """Kept queries ``[Hq, T, D]``, keys ``[Hkv, Tk, D]`` and attention parameters (scale,
+        causal, sliding_window, softcap) of one layer."""
+        if layer not in self.qk:
+            raise AttnscopeError(
+                f"the trace keeps no queries/keys for layer {layer}: analyse with keep_qk "
+                f"(kept: {sorted(self.qk)})"
+            )
+        q, k = self.qk[layer]
+        return q, k, self.meta["qk_attention"][str(layer)]
+
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write ``trace.json`` + ``stats.parquet`` into ``path`` atomically."""
 

@@ -152,3 +152,14 @@ def test_run_names_cannot_escape_the_root(tmp_path):
         store.load("../outside")
     with pytest.raises(AttnscopeError, match="does not exist"):
         RunStore(tmp_path / "missing")
+
+
+def test_layer_qk_names_the_kept_layers():
+    trace = make_trace()
+    q, k = torch.randn(3, 7, 4), torch.randn(1, 7, 4)
+    trace.qk[1] = (q, k)
+    trace.meta["qk_attention"] = {"1": {"scale": 0.5, "causal": True}}
+    got_q, got_k, attention = trace.layer_qk(1)
+    assert got_q is q and got_k is k and attention == {"scale": 0.5, "causal": True}
+    with pytest.raises(AttnscopeError, match=r"no queries/keys for layer 0.*kept: \[1\]"):
+        trace.layer_qk(0)

@@ -67,12 +67,7 @@ def count_teeth(d: Tensor, min_rise: int = MIN_RISE, max_width: int = MAX_WIDTH)
 
 def head_probabilities(trace: Trace, layer: int, head: int) -> Tensor:
     """Exact attention ``[T, T]`` of one head of a trace that kept that layer's queries and keys."""
-    if layer not in trace.qk:
-        raise AttnscopeError(
-            f"the trace kept no queries/keys for layer {layer}: capture with keep_qk"
-        )
-    q, k = trace.qk[layer]
-    how = trace.meta["qk_attention"][str(layer)]
+    q, k, how = trace.layer_qk(layer)
     return row_probabilities(
         q.float(),
         k.float(),

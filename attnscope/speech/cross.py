@@ -108,8 +108,8 @@ def _cross_maps(cross: Trace) -> Tensor:
     -> ``[L, H, Tq, Tk]``."""
     maps = []
     for layer in cross.layers:
-        q, k = cross.qk[layer]
-        scale = cross.meta["qk_attention"][str(layer)]["scale"]
+        q, k, attention = cross.layer_qk(layer)
+        scale = attention["scale"]
         span = (0, q.shape[1]), (0, k.shape[1])
         maps.append(
             torch.stack(

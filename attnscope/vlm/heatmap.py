@@ -15,7 +15,6 @@ from torch import Tensor
 from attnscope.kernels.tiles import attention_tile
 from attnscope.trace import Trace
 from attnscope.vlm.layout import ImageLayout, ImageSpan
-from attnscope.vlm.metrics import layer_qk
 
 COLORSCALE = "Viridis"
 
@@ -35,7 +34,7 @@ def image_attention(
     c0, c1 = int(image.min()), int(image.max()) + 1
     out = []
     for layer in layers if layers is not None else trace.layers:
-        q, k, attention = layer_qk(trace, layer)
+        q, k, attention = trace.layer_qk(layer)
         per_head = [
             attention_tile(
                 q,

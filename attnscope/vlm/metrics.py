@@ -38,7 +38,7 @@ def visual_entropy(trace: Trace, position: int = -1) -> Tensor:
         raise AttnscopeError(f"query position {position} sees no image token")
     out = []
     for layer in trace.layers:
-        q, k, attention = layer_qk(trace, layer)
+        q, k, attention = trace.layer_qk(layer)
         stats = attention_stats(
             q[None, :, position : position + 1],
             k[None][:, :, keys],
@@ -84,14 +84,3 @@ def visual_heads(
     top = torch.zeros_like(flat, dtype=torch.bool)
     top[torch.argsort(flat, descending=True, stable=True)[:n_top]] = True
     return {trace.layers[i]: row for i, row in zip(chosen, top.view(len(chosen), -1), strict=True)}
-
-
-def layer_qk(trace: Trace, layer: int) -> tuple[Tensor, Tensor, dict]:
-    """Queries ``[Hq, T, D]``, keys ``[Hkv, T, D]`` and attention parameters of one layer."""
-    if layer not in trace.qk:
-        raise AttnscopeError(
-            f"the trace keeps no queries/keys for layer {layer}: analyse with keep_qk "
-            f"(kept: {sorted(trace.qk)})"
-        )
-    q, k = trace.qk[layer]
-    return q, k, trace.meta["qk_attention"][str(layer)]
