@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import jiwer
@@ -18,7 +17,7 @@ from reference import assert_trace_matches
 import attnscope as asc
 from attnscope import metrics
 from attnscope.cli import main
-from attnscope.errors import AttnscopeError
+from attnscope.errors import AttnscopeError, MissingDependencyError
 from attnscope.models.loaded import LoadedModel
 from attnscope.models.loader import load
 from attnscope.speech import (
@@ -29,6 +28,7 @@ from attnscope.speech import (
     prepare,
     word_timings,
 )
+from attnscope.speech import speak as synthesise
 from attnscope.speech.inputs import decoder_prefix, transcript_ids
 from attnscope.speech.timing import dtw
 from attnscope.store import RunStore
@@ -38,13 +38,10 @@ GAP = 0.2  # seconds of silence around each separately spoken word
 
 
 def speak(text: str, directory: Path) -> np.ndarray:
-    """``text`` spoken by espeak-ng at 140 words per minute: float32 samples [n] at 16 kHz."""
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
+    """``attnscope.speech.speak``, skipping the test where espeak-ng is missing."""
+    if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (make system-deps)")
-    wav = directory / f"{text.replace(' ', '_')}.wav"
-    subprocess.run([espeak, "-w", str(wav), "-s", "140", text], check=True, capture_output=True)
-    return load_audio(wav)
+    return synthesise(text, directory)
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +253,9 @@ def test_word_timings_match_known_boundaries(whisper: LoadedModel, tmp_path: Pat
     errors += [abs(w.end - e) for w, (_, _, e) in zip(words, truth, strict=True)]
     print(f"boundary errors: median {np.median(errors):.3f} s, max {max(errors):.3f} s")
     assert np.median(errors) < 0.2
+
+
+def test_speak_without_espeak_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("attnscope.speech.audio.shutil.which", lambda name: None)
+    with pytest.raises(MissingDependencyError, match=r"espeak-ng is needed.*make system-deps"):
+        synthesise("hello")

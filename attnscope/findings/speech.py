@@ -5,37 +5,21 @@ layers and heads, on clips spoken by espeak-ng."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import plotly.graph_objects as go
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from attnscope.errors import AttnscopeError, MissingDependencyError
+from attnscope.errors import AttnscopeError
 from attnscope.findings.table import Row
 from attnscope.findings.texts import SPEECH_SENTENCES, take
 from attnscope.models.loaded import LoadedModel
 from attnscope.saliency.speech import method_name
-from attnscope.speech import analyze_speech, load_audio
-
-WORDS_PER_MINUTE = 140
-
-
-def speak(text: str, directory: Path, wpm: int = WORDS_PER_MINUTE) -> np.ndarray:
-    """``text`` spoken by espeak-ng: mono float32 samples ``[n]`` at 16 kHz."""
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        raise MissingDependencyError("espeak-ng is needed to synthesise speech (make system-deps)")
-    wav = Path(directory) / f"{'_'.join(text.split())[:80]}.wav"
-    subprocess.run([espeak, "-w", str(wav), "-s", str(wpm), text], check=True, capture_output=True)
-    return load_audio(wav)
+from attnscope.speech import analyze_speech, speak
 
 
 def alignment_tensors(
@@ -156,20 +140,19 @@ def measure_speech(
     start = time.perf_counter()
     sentences = take(SPEECH_SENTENCES, n_clips, "speech sentences")
     heads, layers, alls, transcripts, durations = [], [], [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for sentence in tqdm(sentences, desc="speech clips", unit="clip", disable=not progress):
-            audio = speak(sentence, Path(directory or tmp))
-            analysis = analyze_speech(
-                lm, audio, methods=(method,), deletion_fractions=(), progress=False
-            )
-            head, layer, every = alignment_tensors(
-                analysis.alignment, method, analysis.cross.layers, analysis.cross.maps.shape[1]
-            )
-            heads.append(head)
-            layers.append(layer)
-            alls.append(every)
-            transcripts.append(analysis.transcript)
-            durations.append(analysis.speech.seconds)
+    for sentence in tqdm(sentences, desc="speech clips", unit="clip", disable=not progress):
+        audio = speak(sentence, directory)
+        analysis = analyze_speech(
+            lm, audio, methods=(method,), deletion_fractions=(), progress=False
+        )
+        head, layer, every = alignment_tensors(
+            analysis.alignment, method, analysis.cross.layers, analysis.cross.maps.shape[1]
+        )
+        heads.append(head)
+        layers.append(layer)
+        alls.append(every)
+        transcripts.append(analysis.transcript)
+        durations.append(analysis.speech.seconds)
     return SpeechResult(
         model=lm.name,
         method=method,

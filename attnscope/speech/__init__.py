@@ -10,7 +10,7 @@ write_speech_run(analysis, "runs/clip")
 """
 
 from attnscope.speech.analysis import SpeechAnalysis, analyze_speech
-from attnscope.speech.audio import SAMPLE_RATE, load_audio
+from attnscope.speech.audio import SAMPLE_RATE, load_audio, speak
 from attnscope.speech.cross import CrossAttention, capture_cross_attention
 from attnscope.speech.inputs import SpeechInput, prepare
 from attnscope.speech.run import alignment_text, saliency_text, words_text, write_speech_run
@@ -28,6 +28,7 @@ __all__ = [
     "load_audio",
     "prepare",
     "saliency_text",
+    "speak",
     "word_timings",
     "words_text",
     "write_speech_run",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import tempfile
 from math import gcd
 from pathlib import Path
 
@@ -9,9 +12,10 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
-from attnscope.errors import AttnscopeError
+from attnscope.errors import AttnscopeError, MissingDependencyError
 
 SAMPLE_RATE = 16_000
+WORDS_PER_MINUTE = 140
 
 
 def load_audio(
@@ -68,3 +72,18 @@ def _read(path: Path, offset: float, duration: float | None) -> tuple[np.ndarray
             f"cannot read {path} as audio ({err}); soundfile reads WAV, FLAC, OGG, MP3 and the "
             "other libsndfile formats"
         ) from err
+
+
+def speak(
+    text: str, directory: str | Path | None = None, wpm: int = WORDS_PER_MINUTE
+) -> np.ndarray:
+    """``text`` spoken by espeak-ng at ``wpm`` words per minute: mono float32 samples ``[n]`` at
+    16 kHz. The WAV file goes to ``directory`` (default: a temporary one, removed)."""
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        raise MissingDependencyError("espeak-ng is needed to synthesise speech (make system-deps)")
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(directory or tmp) / f"{'_'.join(text.split())[:80]}.wav"
+        cmd = [espeak, "-w", str(wav), "-s", str(wpm), text]
+        subprocess.run(cmd, check=True, capture_output=True)
+        return load_audio(wav)

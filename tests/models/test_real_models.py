@@ -9,25 +9,22 @@ from __future__ import annotations
 import re
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import jiwer
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
-from scipy.signal import resample_poly
 
 from attnscope.errors import AttnscopeError
 from attnscope.models.loaded import LoadedModel
 from attnscope.models.loader import load
 from attnscope.models.whisper_ct2 import convert_ct2_whisper, read_ct2_model
+from attnscope.speech import SAMPLE_RATE, speak
 
 pytestmark = pytest.mark.slow
 
 SPEECH = "please open the window and let the fresh air come in"
-SAMPLE_RATE = 16_000
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +53,9 @@ def ct2_dir() -> Path:
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
     """``SPEECH`` spoken by espeak-ng: float32 samples [n] at 16 kHz."""
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
-    wav = tmp_path_factory.mktemp("speech") / "speech.wav"
-    subprocess.run([espeak, "-w", str(wav), "-s", "140", SPEECH], check=True, capture_output=True)
-    audio, rate = sf.read(wav, dtype="float32")
-    return resample_poly(audio, SAMPLE_RATE, rate).astype(np.float32)
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (make system-deps)")
+    return speak(SPEECH, tmp_path_factory.mktemp("speech"))
 
 
 def _greedy(lm: LoadedModel, prompt: str, max_new_tokens: int = 8) -> str:
