@@ -30,8 +30,8 @@ from attnscope.findings.sinks import (
     sink_inputs,
     sink_ratio,
 )
-from attnscope.findings.speech import SpeechResult, measure_speech, speak
-from attnscope.findings.table import Row, markdown, to_arrow, to_dicts
+from attnscope.findings.speech import SpeechResult, measure_speech
+from attnscope.findings.table import Row, markdown, to_arrow
 
 __all__ = [
     "Comparison",
@@ -56,8 +56,6 @@ __all__ = [
     "peaks",
     "sink_inputs",
     "sink_ratio",
-    "speak",
     "to_arrow",
-    "to_dicts",
     "token_entropy",
 ]

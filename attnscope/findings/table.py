@@ -40,12 +40,8 @@ def markdown(rows: Iterable[Row]) -> str:
     return "\n".join(lines)
 
 
-def to_dicts(rows: Iterable[Row]) -> list[dict[str, str]]:
-    return [asdict(r) for r in rows]
-
-
 def to_arrow(rows: Iterable[Row]) -> pa.Table:
     """The rows as an Arrow table (one string column per field)."""
     return pa.Table.from_pylist(
-        to_dicts(rows), pa.schema([(f.name, pa.string()) for f in fields(Row)])
+        [asdict(r) for r in rows], pa.schema([(f.name, pa.string()) for f in fields(Row)])
     )
