@@ -12,11 +12,8 @@ MODELS = ["tiny-gpt2", "tiny-llama"]
 
 
 @pytest.fixture(scope="module", params=MODELS)
-def lm(request, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ATTNSCOPE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield asc.load(request.param)
-    mp.undo()
+def lm(request, cache_dir):
+    return asc.load(request.param)
 
 
 def prompt_ids(lm, n: int = 48, seed: int = 0) -> torch.Tensor:

@@ -255,11 +255,9 @@ def dash_duo(dash_thread_server, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model_runs(tmp_path_factory):
+def model_runs(tmp_path_factory, cache_dir):
     """Runs of tiny-llama: ``alpha`` (analyze, no q/k), ``beta`` (q/k of layer 1), one written
     by a newer attnscope and one with a corrupt stats file."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ATTNSCOPE_CACHE", str(tmp_path_factory.mktemp("cache")))
     root = tmp_path_factory.mktemp("runs")
     lm = asc.load("tiny-llama")
     asc.analyze(lm, "The cat sat on the mat because it was", generate=8, progress=False).save(
@@ -276,7 +274,6 @@ def model_runs(tmp_path_factory):
     header = json.loads((root / "newer" / "trace.json").read_text())
     (root / "newer" / "trace.json").write_text(json.dumps({**header, "format_version": 99}))
     (root / "broken" / "stats.parquet").write_bytes(b"truncated")
-    mp.undo()
     data.clear_caches()
     return root
 

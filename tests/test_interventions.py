@@ -31,11 +31,8 @@ PROMPT = "What is in the picture?"
 
 
 @pytest.fixture(scope="module", params=MODELS)
-def lm(request, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ATTNSCOPE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield asc.load(request.param)
-    mp.undo()
+def lm(request, cache_dir):
+    return asc.load(request.param)
 
 
 @pytest.fixture(scope="module")

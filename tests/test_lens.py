@@ -11,18 +11,15 @@ from attnscope.probes.lens import capture_lens
 
 
 @pytest.fixture(scope="module")
-def bridge_and_model(tmp_path_factory):
+def bridge_and_model(cache_dir):
     from transformer_lens.model_bridge import TransformerBridge
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ATTNSCOPE_CACHE", str(tmp_path_factory.mktemp("cache")))
     lm = asc.load("tiny-llama")
     bridged = asc.load("tiny-llama", attn_implementation="eager")
     bridge = TransformerBridge.boot_transformers(
         str(ALIASES["tiny-llama"].locate()), hf_model=bridged.model, tokenizer=bridged.tokenizer
     )
-    yield bridge, lm
-    mp.undo()
+    return bridge, lm
 
 
 def test_lens_matches_eager_and_capture(bridge_and_model):

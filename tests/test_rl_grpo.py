@@ -158,11 +158,8 @@ def assert_same_credit(got: Rhythm, ref: Rhythm, config: CreditConfig) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ATTNSCOPE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield asc.load("tiny-llama")
-    mp.undo()
+def tiny(cache_dir):
+    return asc.load("tiny-llama")
 
 
 def test_policy_pass_matches_eager_per_sequence(tiny):
