@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from attnscope.errors import ShapeError, UnsupportedMetricError
-from attnscope.metrics.dense import FAI_HORIZON, WAAD_WINDOW, check_horizon
-
-ROW_METRICS = ("entropy", "mean_distance", "waad", "sink_mass", "max_attention")
-COL_METRICS = ("received", "fai", "sink_score")
-SPAN_PREFIX = "span_mass:"
+from attnscope.errors import ShapeError
+from attnscope.kernels.config import StatsConfig
+from attnscope.kernels.table import COL_METRICS, ROW_METRICS, SPAN_PREFIX, known_metrics
 
 
 @dataclass
@@ -37,7 +34,7 @@ class StatsRequest:
     sliding_window: int | None
     softcap: float | None
     metrics: tuple[str, ...]
-    extra: dict = field(default_factory=dict)
+    config: StatsConfig = field(default_factory=StatsConfig)
 
     @property
     def groups(self) -> int:
@@ -71,69 +68,58 @@ class StatsRequest:
             ok = ok & self.mask[:, :, rows, keys]
         return ok
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """fp32 for half-precision inputs, the input's own precision above (float64 stays)."""
+        return torch.promote_types(self.q.dtype, torch.float32)
+
     def scores(self, rows: slice, keys: slice = slice(None)) -> Tensor:
-        """Scaled (and soft-capped) fp32 scores, GQA-aware. ``[B, Hq, rows, keys]``."""
+        """Scaled (and soft-capped) scores in ``compute_dtype``, GQA-aware. ``[B, Hq, rows, keys]``."""
         b, hq, _, d = self.q.shape
         hkv = self.k.shape[1]
-        q = self.q[:, :, rows].float().reshape(b, hkv, self.groups, -1, d)  # [B, Hkv, G, r, D]
-        k = self.k[:, :, keys].float()  # [B, Hkv, k, D]
+        dtype = self.compute_dtype
+        q = self.q[:, :, rows].to(dtype).reshape(b, hkv, self.groups, -1, d)  # [B, Hkv, G, r, D]
+        k = self.k[:, :, keys].to(dtype)  # [B, Hkv, k, D]
         s = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * self.scale  # [B, Hkv, G, r, k]
         s = s.reshape(b, hq, s.shape[-2], s.shape[-1])
         if self.softcap is not None:
             s = torch.tanh(s / self.softcap) * self.softcap
         if self.bias is not None:
-            s = s + self.bias[:, :, rows, keys]
+            s = s + self.bias[:, :, rows, keys].to(dtype)
         return s
 
 
 def build_request(
     q: Tensor,
     k: Tensor,
+    config: StatsConfig | None = None,
     *,
     causal: bool = True,
     scale: float | None = None,
-    window: int = WAAD_WINDOW,
-    fai_horizon: tuple[int, int] | None = FAI_HORIZON,
-    fai_rows: tuple[int, int] | None = None,
-    sink_tokens: int = 1,
-    spans: Mapping[str, tuple[int, int]] | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
     mask: Tensor | None = None,
     q_pos: Tensor | None = None,
     k_pos: Tensor | None = None,
-    metrics: Sequence[str] | None = None,
+    **shortcuts: Any,
 ) -> StatsRequest:
-    """Check shapes and parameters (defaults as ``attention_stats``); name the problem in every
-    error."""
-    if q.dim() != 4 or k.dim() != 4:
-        raise ShapeError(
-            f"q and k must be 4-D [B, H, T, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}"
+    """Check the inputs of one attention call and the statistics ``config`` (keyword
+    ``shortcuts`` such as ``window=`` or ``metrics=`` override its fields); name the problem in
+    every error."""
+    config = StatsConfig.build(config, **shortcuts)
+    if isinstance(config.fai_rows, str):
+        raise ValueError(
+            f"fai_rows={config.fai_rows!r} needs a generation to resolve it; give (start, end) "
+            "positions here (StatsConfig.resolved(n_prompt, n_total) does it for a generation)"
         )
+    _check_tensors(q, k)
     b, hq, tq, d = q.shape
-    bk, hkv, tk, dk = k.shape
-    if (b, d) != (bk, dk):
-        raise ShapeError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and head dim [B, H, T, D]"
-        )
-    if hkv == 0 or hq % hkv:
-        raise ShapeError(
-            f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA"
-        )
-    if window < 1:
-        raise ValueError(f"WAAD window must be >= 1, got {window}")
-    if sink_tokens < 0:
-        raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
+    tk = k.shape[2]
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be > 0, got {softcap}")
-    check_horizon(fai_horizon)
-    spans = dict(spans or {})
-    for name, (start, end) in spans.items():
-        if end < start:
-            raise ValueError(f"span {name!r} has end {end} < start {start}")
-    requested = _normalise_metrics(metrics, spans)
+    requested = config.metrics if config.metrics is not None else known_metrics(config.span_names)
 
     key_valid, mask4, bias = _split_mask(mask, b, hq, tq, tk)
     kp = _positions(k_pos, b, tk, "k_pos", q.device)
@@ -156,29 +142,38 @@ def build_request(
         key_valid=key_valid,
         causal=causal,
         scale=float(d**-0.5 if scale is None else scale),
-        window=window,
-        fai_horizon=fai_horizon,
-        fai_rows=fai_rows,
-        sink_tokens=sink_tokens,
-        spans=spans,
+        window=config.window,
+        fai_horizon=config.fai_horizon,
+        fai_rows=config.fai_rows,
+        sink_tokens=config.sink_tokens,
+        spans=config.span_dict,
         sliding_window=sliding_window,
         softcap=softcap,
         metrics=requested,
+        config=config,
     )
 
 
-def _normalise_metrics(metrics: Sequence[str] | None, spans: dict) -> tuple[str, ...]:
-    span_names = tuple(SPAN_PREFIX + n for n in spans)
-    if metrics is None:
-        return ROW_METRICS + span_names + COL_METRICS
-    known = set(ROW_METRICS + COL_METRICS + span_names)
-    unknown = [m for m in metrics if m not in known]
-    if unknown:
-        raise UnsupportedMetricError(
-            f"unknown metric(s) {unknown}; available: {sorted(known)} "
-            "(span_mass:NAME needs spans={NAME: (start, end)})"
+def _check_tensors(q: Tensor, k: Tensor) -> None:
+    """Shapes ``[B, H, T, D]`` with GQA-compatible heads, floating point, nothing empty."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ShapeError(
+            f"q and k must be 4-D [B, H, T, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
-    return tuple(dict.fromkeys(metrics))
+    b, hq, _, d = q.shape
+    bk, hkv, _, dk = k.shape
+    if (b, d) != (bk, dk):
+        raise ShapeError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and head dim [B, H, T, D]"
+        )
+    if hkv == 0 or hq % hkv:
+        raise ShapeError(
+            f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA"
+        )
+    if not (q.is_floating_point() and k.is_floating_point()):
+        raise ShapeError(f"q and k must be floating point, got {q.dtype} and {k.dtype}")
+    if b == 0 or d == 0:
+        raise ShapeError(f"q and k need a batch and a head dim > 0; got q {tuple(q.shape)}")
 
 
 def _split_mask(
@@ -209,7 +204,7 @@ def _split_mask(
     if not mask.is_floating_point():
         return None, mask.bool(), None
     allowed = mask > torch.finfo(mask.dtype).min / 2
-    bias = torch.where(allowed, mask, 0).float()
+    bias = torch.where(allowed, mask, 0).to(torch.promote_types(mask.dtype, torch.float32))
     return None, allowed, (bias if bool(bias.any()) else None)
 
 

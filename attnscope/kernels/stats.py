@@ -21,6 +21,7 @@ class AttentionStats:
     col_counts: dict[str, Tensor]  # name -> [B, 1|Hq, Tk] float32 (rows that count for the key)
     lse: Tensor  # [B, Hq, Tq] float32, natural log; -inf for fully masked rows
     backend: str
+    reason: str = ""  # why this backend ran (set by attention_stats)
 
     @property
     def cols(self) -> dict[str, Tensor]:

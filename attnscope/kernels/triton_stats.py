@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from attnscope.errors import UnsupportedMetricError
 from attnscope.kernels.request import SPAN_PREFIX, StatsRequest
 from attnscope.kernels.stats import AttentionStats
 
@@ -366,22 +365,7 @@ def _tile_bounds(pos: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def triton_stats(req: StatsRequest) -> AttentionStats:
-    """The ``triton`` backend of ``attention_stats``."""
-    if not (req.q.is_cuda or INTERPRET):
-        raise UnsupportedMetricError(
-            "the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for testing); "
-            "use backend='chunked' on the CPU"
-        )
-    if req.bias is not None:
-        raise UnsupportedMetricError(
-            "the triton backend takes boolean masks only; additive score biases (attention "
-            "interventions) are computed by backend='chunked'"
-        )
-    if len(req.spans) > MAX_SPANS:
-        raise UnsupportedMetricError(
-            f"the triton backend computes at most {MAX_SPANS} spans, got {len(req.spans)}; "
-            "use backend='chunked'"
-        )
+    """The ``triton`` backend of ``attention_stats`` (what it serves: ``kernels.backends``)."""
     q, k = req.q.contiguous(), req.k.contiguous()
     b, hq, tq, d = q.shape
     tk = k.shape[2]
