@@ -7,6 +7,7 @@ from reference import assert_trace_matches, eager_attentions
 import attnscope as asc
 from attnscope.errors import AttnscopeError, UnsupportedMetricError
 from attnscope.probes import interface
+from attnscope.probes.session import ProbeSession
 
 MODELS = ["tiny-gpt2", "tiny-llama"]
 
@@ -97,7 +98,8 @@ def test_model_restored_after_exception(lm):
         assert lm.model.config._attn_implementation.startswith("attnscope")
         raise RuntimeError("boom")
     assert lm.model.config._attn_implementation == before
-    assert interface._observers == []
+    assert ProbeSession.of(lm.model).observers == []
+    assert not any(interface.watching.get(m) for m in lm.model.modules())
 
 
 def test_eager_model_keeps_output_attentions(lm):

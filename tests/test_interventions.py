@@ -22,7 +22,7 @@ from attnscope.interventions import (
 from attnscope.interventions.carve import connected_components, region_mask
 from attnscope.probes import interface
 from attnscope.probes.interface import all_configs
-from attnscope.probes.records import stack_of
+from attnscope.probes.session import ProbeSession
 from attnscope.vlm import analyze_image, prepare
 from attnscope.vlm.layout import ImageLayout, ImageSpan, family_of
 
@@ -65,21 +65,18 @@ def vision_scores(lm, tensors, layout, layer):
     """Class-token attention (LLaVA) / mean received attention (Qwen2-VL) per LLM image token,
     from dense softmax of the vision tower's queries and keys."""
     family = family_of(lm.model.config)
-    names = {m: n for n, m in lm.model.named_modules()}
-    n_vision = sum(1 for n in names.values() if stack_of(n)[0] == family.vision_stack)
+    probe = ProbeSession.of(lm.model)
+    n_vision = len(probe.layers("vision"))
     target = family.vision_stack.format(layer % n_vision)
     kept = []
 
-    def keep(module, q, k, mask, kwargs):
-        if names.get(module) == target:
-            kept.append(torch.softmax(q @ k.transpose(-1, -2) * kwargs["scaling"], -1))  # [B,H,n,n]
+    def keep(call):
+        if call.site.name == target:
+            scores = call.query @ call.key.transpose(-1, -2) * call.kwargs["scaling"]
+            kept.append(torch.softmax(scores, -1))  # [B, H, n, n]
 
-    interface.add_observer(keep)
-    try:
-        with torch.no_grad(), asc.capture(lm.model):
-            lm.model(**tensors)
-    finally:
-        interface.remove_observer(keep)
+    with torch.no_grad(), probe.attached(observer=keep), asc.capture(lm.model):
+        lm.model(**tensors)
     if family.class_token:
         per_token = torch.cat(kept)[:, :, 0].mean(1)  # [B, n]
     else:
@@ -178,7 +175,9 @@ def test_zero_boost_changes_nothing_and_model_is_untouched(lm, inputs):
         after = model(**tensors).logits
     assert torch.equal(plain, after)
     assert {id(c): c._attn_implementation_internal for c in all_configs(model)} == before_impl
-    assert interface._mask_editors == [] and interface._observers == []
+    probe = ProbeSession.of(model)
+    assert probe.editors == [] and probe.observers == []
+    assert not any(interface.watching.get(m) for m in model.modules())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 

@@ -3,7 +3,8 @@
 An intervention is a parameter object (``VisualBoost``, ``SinkSuppression``); ``applied(model,
 layout)`` returns the context manager that runs it. While it is active, every call of the model's
 decoder self-attention goes through the probe's attention function (SDPA stays SDPA, eager stays
-eager) and a mask editor (``probes.interface``) folds the edit into the layer's mask: the mask it
+eager) and a mask editor attached to the model's probe session (``probes.session``) folds the
+edit into the layer's mask: the mask it
 receives becomes an additive float mask (0 / min where keys are allowed / blocked; a float mask, e.g.
 another intervention's, is kept) plus the bias on the edited row. The current query row is the last
 row of each call: the new token during ``generate()``, the last prompt token at prefill. On exit the
@@ -18,7 +19,7 @@ attention mass on the measured keys (the image tokens) before and after the edit
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +28,7 @@ from torch import Tensor
 
 from attnscope.errors import AttnscopeError
 from attnscope.kernels.request import build_request
-from attnscope.probes import interface
-from attnscope.probes.capture import is_cross_attention, stats_scale
-from attnscope.probes.records import stack_of
+from attnscope.probes.session import AttentionCall, Observer, ProbeSession
 from attnscope.vlm.layout import ImageLayout
 
 
@@ -73,25 +72,22 @@ class ScoreEdit(ABC):
             raise AttnscopeError(f"{type(self).__name__} needs the image layout of the input")
         return session.layout.positions
 
-    def attach(self, session: EditSession) -> None:  # noqa: B027 (optional hook)
-        """Called on entry (e.g. to register observers)."""
-
-    def detach(self, session: EditSession) -> None:  # noqa: B027 (optional hook)
-        """Called on exit, also after an exception."""
+    def observers(self, session: EditSession) -> list[Observer]:
+        """Observers to attach beside the edit while it is applied (e.g. vision-tower scores)."""
+        return []
 
 
 class EditSession:
     """One application of a ``ScoreEdit`` to a model (context manager)."""
 
     def __init__(self, edit: ScoreEdit, model: torch.nn.Module, layout: ImageLayout | None) -> None:
-        if not hasattr(model, "set_attn_implementation"):
-            raise AttnscopeError(f"{type(model).__name__} is not a transformers PreTrainedModel")
+        self.probe = ProbeSession.of(model)
         self.edit = edit
         self.model = model
         self.layout = layout
         self.records: list[EditRecord] = []
         self.state: dict[str, Any] = {}  # per-run state of the edit (e.g. chosen tokens)
-        self._layers = decoder_layers(model)
+        self._layers = self.probe.layers("decoder")
         n_layers = len(set(self._layers.values()))
         self.end = n_layers if edit.end is None else edit.end
         if not edit.start < self.end <= n_layers:
@@ -99,56 +95,45 @@ class EditSession:
                 f"intervention layers [{edit.start}, {self.end}) outside the model's "
                 f"{n_layers} decoder layers [0, {n_layers}): choose start and end"
             )
-        self._seen: dict[torch.nn.Module, int] = {}
-        self._switch: AbstractContextManager | None = None
+        self._stack: ExitStack | None = None
 
     def __enter__(self) -> EditSession:
-        interface.add_mask_editor(self._edit_mask)
-        try:
-            self.edit.attach(self)
-            switch = interface.probe_implementation(self.model)
-            switch.__enter__()
-            self._switch = switch
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
+        with ExitStack() as stack:
+            stack.enter_context(self.probe.attached(editor=self._edit_mask))
+            for observer in self.edit.observers(self):
+                stack.enter_context(self.probe.attached(observer=observer))
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        interface.remove_mask_editor(self._edit_mask)
-        self.edit.detach(self)
-        if self._switch is not None:
-            self._switch.__exit__(None, None, None)
-            self._switch = None
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
 
     @torch.no_grad()
-    def _edit_mask(self, module, query: Tensor, key: Tensor, mask, kwargs: dict) -> Tensor | None:
-        layer = self._layers.get(module)
-        if layer is None:
+    def _edit_mask(self, call: AttentionCall) -> Tensor | None:
+        layer = self._layers.get(call.module)
+        if layer is None or not self.edit.start <= layer < self.end:
             return None
+        query, key, mask = call.query, call.key, call.mask
         tq, tk = query.shape[2], key.shape[2]
-        # tokens seen so far (as capture counts them); a call whose keys are its queries starts anew
-        n = self._seen[module] = tq if tk == tq else self._seen.get(module, 0) + tq
-        if not self.edit.start <= layer < self.end:
-            return None
-        first = n - tk if tk <= n else 0  # static caches: slot j is position j
-        key_pos = torch.arange(first, first + tk, device=query.device)
+        key_pos = call.k_index
         req = build_request(  # the last row sees every key its mask allows
             query[:, :, -1:],
             key,
             causal=False,
-            scale=stats_scale(query, module, kwargs.get("scaling")),
-            softcap=kwargs.get("softcap"),
+            scale=call.scale,
+            softcap=call.softcap,
             mask=None if mask is None else mask[:, :, -1:, :tk],
             metrics=[],
         )
         everything = slice(None)
-        scores = req.scores(everything)  # [B, Hq, 1, Tk] fp32, an earlier edit's bias included
+        scores = req.scores(everything)  # [B, Hq, 1, Tk], an earlier edit's bias included
         allowed = req.allowed(everything)  # [B, 1|Hq, 1, Tk]
         bias = self.edit.row_bias(self, layer, scores, allowed, key_pos)
         if bias is None:
             return None
-        self._record(layer, n - 1, scores, allowed, bias, key_pos)
+        self._record(layer, int(call.q_index[-1]), scores, allowed, bias, key_pos)
         return with_row_bias(additive_mask(mask, tq, tk, query.dtype, query.device), bias)
 
     def _record(self, layer, position, scores, allowed, bias, key_pos) -> None:
@@ -184,15 +169,6 @@ class EditSession:
                 for k, v in per_layer.items()
             },
         }
-
-
-def decoder_layers(model: torch.nn.Module) -> dict[torch.nn.Module, int]:
-    """Causal self-attention modules (the language model) -> layer index."""
-    return {
-        m: stack_of(n)[1]
-        for n, m in model.named_modules()
-        if getattr(m, "is_causal", False) and stack_of(n)[1] >= 0 and not is_cross_attention(n)
-    }
 
 
 def additive_mask(

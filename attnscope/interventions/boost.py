@@ -18,7 +18,7 @@ from torch import Tensor
 
 from attnscope.errors import AttnscopeError
 from attnscope.interventions.base import EditSession, ScoreEdit
-from attnscope.probes import interface
+from attnscope.probes.session import Observer
 from attnscope.vlm.vision import ClassTokenScores
 
 
@@ -38,18 +38,13 @@ class VisualBoost(ScoreEdit):
         if not 0 < self.local_fraction <= 1:
             raise ValueError(f"local_fraction must be in (0, 1], got {self.local_fraction}")
 
-    def attach(self, session: EditSession) -> None:
+    def observers(self, session: EditSession) -> list[Observer]:
         layout = session.layout
         if layout is None:
             raise AttnscopeError("VisualBoost needs the image layout: applied(model, layout)")
-        observer = ClassTokenScores(session.model, layout, {self.local_layer, self.summary_layer})
+        observer = ClassTokenScores(session.probe, layout, {self.local_layer, self.summary_layer})
         session.state.update(observer=observer, version=None)
-        interface.add_observer(observer)
-
-    def detach(self, session: EditSession) -> None:
-        observer = session.state.get("observer")  # None when attach failed
-        if observer is not None:
-            interface.remove_observer(observer)
+        return [observer]
 
     def tokens(self, session: EditSession) -> tuple[Tensor, Tensor]:
         """LLM positions of the local and summary tokens chosen from the last vision-tower pass."""
@@ -69,7 +64,6 @@ class VisualBoost(ScoreEdit):
             session.state.update(
                 local=torch.cat(local), summary=torch.cat(summary), version=observer.version
             )
-            observer.rewind()
         return session.state["local"], session.state["summary"]
 
     def row_bias(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -10,23 +10,25 @@ import torch
 from torch import Tensor
 
 from attnscope.errors import AttnscopeError
-from attnscope.kernels import BACKENDS, attention_stats, resolve_backend
-from attnscope.kernels.request import _normalise_metrics
+from attnscope.kernels import attention_stats
+from attnscope.kernels.config import StatsConfig
 from attnscope.kernels.stats import finish_column
-from attnscope.metrics.dense import FAI_HORIZON, WAAD_WINDOW
-from attnscope.probes import interface
-from attnscope.probes.records import ModuleRecord, stack_of
+from attnscope.kernels.table import known_metrics
+from attnscope.models.families import stack_of
+from attnscope.probes.records import ModuleRecord
+from attnscope.probes.session import AttentionCall, ProbeSession
 from attnscope.trace import Trace
-
-CROSS_NAMES = ("encoder_attn", "crossattention", "cross_attn")
 
 
 class Capture:
     """Context manager that records attention statistics of every attention call of ``model``.
 
-    On entry the model's attention implementation is swapped for a delegating probe (SDPA stays
-    SDPA, eager stays eager); on exit the previous implementation of every config is restored,
-    also after an exception. Nothing of size L x L is kept.
+    ``config`` (``StatsConfig``) says what to compute; ``metrics``, ``layers`` and keyword
+    ``shortcuts`` (``backend``, ``window``, ``fai_horizon``, ``fai_rows``, ``sink_tokens``,
+    ``spans``, ``keep_qk``) override its fields. On entry the capture attaches to the model's probe
+    session (``ProbeSession``), which swaps the attention implementation for a delegating probe
+    (SDPA stays SDPA, eager stays eager); on exit the previous implementation of every config is
+    restored, also after an exception. Nothing of size L x L is kept.
     """
 
     def __init__(
@@ -35,67 +37,51 @@ class Capture:
         metrics: Sequence[str] | None = None,
         layers: Iterable[int] | None = None,
         *,
-        backend: str = "auto",
-        window: int = WAAD_WINDOW,
-        fai_horizon: tuple[int, int] | None = FAI_HORIZON,
-        fai_rows: tuple[int, int] | None = None,
-        sink_tokens: int = 1,
-        spans: Mapping[str, tuple[int, int]] | None = None,
+        config: StatsConfig | None = None,
         tokenizer: Any = None,
-        keep_qk: Iterable[int] | bool = False,
+        **shortcuts: Any,
     ) -> None:
-        if not hasattr(model, "set_attn_implementation"):
-            raise AttnscopeError(
-                f"{type(model).__name__} is not a transformers PreTrainedModel; for TransformerLens "
-                "models use attnscope.probes.lens.capture_lens"
+        self.session = ProbeSession.of(model)
+        given = {"metrics": metrics, "layers": layers}
+        shortcuts.update({k: v for k, v in given.items() if v is not None})
+        self.config = StatsConfig.build(config, **shortcuts)
+        if isinstance(self.config.fai_rows, str):
+            raise ValueError(
+                f"fai_rows={self.config.fai_rows!r} is resolved by analyze() for a generation; "
+                "capture() takes (start, end) query positions"
             )
-        if backend != "auto" and backend not in BACKENDS:
-            resolve_backend(backend, torch.empty(0))  # raises with the list of backends
-        if window < 1:
-            raise ValueError(f"WAAD window must be >= 1, got {window}")
         self.model = model
-        self.spans = dict(spans or {})
-        self.metrics = _normalise_metrics(metrics, self.spans)
-        self.layers = None if layers is None else set(layers)
         self.tokenizer = tokenizer
-        self.keep_qk = keep_qk if isinstance(keep_qk, bool) else set(keep_qk)
-        self.params = dict(
-            backend=backend,
-            window=window,
-            fai_horizon=fai_horizon,
-            fai_rows=fai_rows,
-            sink_tokens=sink_tokens,
-        )
         self.records: dict[str, ModuleRecord] = {}
         self.input_ids: list[Tensor] = []  # encoder or decoder-only token ids, per call
         self.decoder_ids: list[Tensor] = []  # decoder_input_ids of encoder-decoders, per call
-        self.backend_used: str | None = None
-        self._names: dict[torch.nn.Module, str] = {}
-        self._switch: AbstractContextManager | None = None
+        self.backends: dict[str, str] = {}  # backend that ran -> why (first call that used it)
+        self._attached: AbstractContextManager | None = None
         self._hook = None
+
+    @property
+    def spans(self) -> dict[str, tuple[int, int]]:
+        return self.config.span_dict
 
     # -- context ------------------------------------------------------------------------------
     def __enter__(self) -> Capture:
-        self._names = {m: n for n, m in self.model.named_modules()}
-        interface.add_observer(self._observe)
         self._hook = self.model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)
         try:
-            switch = interface.probe_implementation(self.model)
-            switch.__enter__()
-            self._switch = switch
+            attached = self.session.attached(observer=self._observe)
+            attached.__enter__()
+            self._attached = attached
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        interface.remove_observer(self._observe)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self._switch is not None:
-            self._switch.__exit__(None, None, None)
-            self._switch = None
+        if self._attached is not None:
+            self._attached.__exit__(None, None, None)
+            self._attached = None
 
     def _record_inputs(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -107,65 +93,46 @@ class Capture:
 
     # -- one attention call -------------------------------------------------------------------
     @torch.no_grad()
-    def _observe(self, module, query: Tensor, key: Tensor, mask, kwargs: dict) -> None:
-        name = self._names.get(module)
-        if name is None:
+    def _observe(self, call: AttentionCall) -> None:
+        site = call.site
+        if not self.config.wants_layer(site.layer):
             return
-        _, layer = stack_of(name)
-        if self.layers is not None and layer not in self.layers:
-            return
-        cross = is_cross_attention(name)
-        rec = self.records.get(name)
+        rec = self.records.get(site.name)
         if rec is None:
-            causal = bool(getattr(module, "is_causal", True)) and not cross
-            rec = self.records[name] = ModuleRecord(name, causal=causal)
-        b, _, tq, _ = query.shape
-        tk = key.shape[2]
-        n = rec.seen + tq
-        rec.seen = n
-        q_index = torch.arange(n - tq, n, device=query.device)
-        k_index = (torch.arange(n - tk, n) if tk <= n and not cross else torch.arange(tk)).to(
-            query.device
-        )
+            rec = self.records[site.name] = ModuleRecord(site.name, site.causal, site.role)
+        b, tk = call.query.shape[0], call.key.shape[2]
         if rec.pad is None:
             rec.pad = (
-                _leading_padding(mask, b, tk) if rec.causal else torch.zeros(b, dtype=torch.long)
+                _leading_padding(call.mask, b, tk)
+                if site.causal
+                else torch.zeros(b, dtype=torch.long)
             )
-        pad = rec.pad.to(query.device)[:, None]
-        scaling = kwargs.get("scaling")
+        pad = rec.pad.to(call.query.device)[:, None]
         stats = attention_stats(
-            query.detach(),
-            key.detach(),
-            causal=rec.causal,
-            scale=stats_scale(query, module, scaling),
-            window=self.params["window"],
-            fai_horizon=self.params["fai_horizon"],
-            fai_rows=self.params["fai_rows"],
-            sink_tokens=self.params["sink_tokens"],
-            spans=self.spans,
-            sliding_window=kwargs.get("sliding_window"),
-            softcap=kwargs.get("softcap"),
-            backend=self.params["backend"],
-            mask=mask,
-            q_pos=q_index[None] - pad,
-            k_pos=k_index[None] - (0 if cross else pad),
-            metrics=self.metrics,
+            call.query.detach(),
+            call.key.detach(),
+            self.config,
+            causal=site.causal,
+            scale=call.scale,
+            sliding_window=call.sliding_window,
+            softcap=call.softcap,
+            mask=call.mask,
+            q_pos=call.q_index[None] - pad,
+            k_pos=call.k_index[None] - (0 if site.cross else pad),
         )
-        self.backend_used = stats.backend
-        rec.add(q_index, k_index, stats)
-        if self.keep_qk is True or (self.keep_qk and layer in self.keep_qk):
-            rec.keep_qk(q_index, query, key, k_index)
-            rec.attention = dict(
-                scale=stats_scale(query, module, scaling),
-                causal=rec.causal,
-                sliding_window=kwargs.get("sliding_window"),
-                softcap=kwargs.get("softcap"),
-            )
+        self.backends.setdefault(stats.backend, stats.reason)
+        rec.add(call.q_index, call.k_index, stats)
+        if self.config.keeps_qk(site.layer):
+            rec.keep_qk(call.q_index, call.query, call.key, call.k_index)
+            rec.attention = call.attention
 
     # -- results --------------------------------------------------------------------------------
-    def stacks(self) -> list[str]:
-        """Templates of the captured module stacks, e.g. ``model.layers.{}.self_attn``."""
-        return list(dict.fromkeys(stack_of(n)[0] for n in self.records))
+    def stacks(self, role: str | None = None) -> list[str]:
+        """Templates of the captured module stacks, e.g. ``model.layers.{}.self_attn`` (only
+        those of ``role``: decoder, encoder, cross or vision, when given)."""
+        return list(
+            dict.fromkeys(stack_of(n)[0] for n, r in self.records.items() if role in (None, r.role))
+        )
 
     def default_stack(self) -> str:
         """The text decoder when there is one (causal self-attention), else the first stack."""
@@ -179,6 +146,13 @@ class Capture:
                 "no attention call was captured: run the model inside the `with capture(...)` block "
                 "(and check that `layers` names existing layer indices)"
             )
+        restarted = [n for n, r in self.records.items() if r.restarted]
+        if restarted:
+            raise AttnscopeError(
+                f"this capture saw more than one independent forward pass ({restarted[0]} started "
+                "a new sequence); its statistics would mix sequences: use one capture per forward "
+                "pass or generate() call"
+            )
         stacks = self.stacks()
         stack = stack or self.default_stack()
         if stack not in stacks:
@@ -187,7 +161,7 @@ class Capture:
             (r for n, r in self.records.items() if stack_of(n)[0] == stack),
             key=lambda r: stack_of(r.name)[1],
         )
-        decoder_side = recs[0].causal or is_cross_attention(recs[0].name)
+        decoder_side = recs[0].causal or recs[0].cross
         id_steps = self.decoder_ids if decoder_side and self.decoder_ids else self.input_ids
         ids = torch.cat(id_steps, dim=1) if id_steps else None
         batch = recs[0].pad.shape[0]
@@ -207,7 +181,7 @@ class Capture:
         cols: dict[str, list[Tensor]] = {}
         n_tokens = None
         # cross-attention columns are encoder positions, not these tokens: left out
-        cross = is_cross_attention(recs[0].name)
+        cross = recs[0].cross
         for rec in recs:
             index, merged = rec.rows()
             keep = index >= pad
@@ -234,7 +208,7 @@ class Capture:
         return Trace(
             tokens=tokens,
             token_ids=token_ids,
-            spans=dict(self.spans),
+            spans=self.config.span_dict,
             layers=[stack_of(r.name)[1] for r in recs],
             n_heads=recs[0].n_heads,
             rows={k: torch.stack(v) for k, v in rows.items()},
@@ -247,10 +221,15 @@ class Capture:
                 ),
                 "stack": stack,
                 "modules": [r.name for r in recs],
-                "backend": self.backend_used,
-                "metrics": list(self.metrics),
+                "backend": ", ".join(self.backends),
+                "backend_reason": "; ".join(self.backends.values()),
+                "stats_config": self.config.to_json(),
+                "metrics": list(self.config.metrics or known_metrics(self.config.span_names)),
                 "qk_attention": {str(stack_of(r.name)[1]): r.attention for r in recs if r.has_qk},
-                **{k: v for k, v in self.params.items() if k != "backend"},
+                "window": self.config.window,
+                "fai_horizon": self.config.fai_horizon,
+                "fai_rows": self.config.fai_rows,
+                "sink_tokens": self.config.sink_tokens,
             },
             qk=qk,
         )
@@ -264,17 +243,6 @@ def capture(
 ) -> Capture:
     """``with capture(model) as cap: model(**inputs)`` then ``cap.trace``. See ``Capture``."""
     return Capture(model, metrics, layers, **kwargs)
-
-
-def stats_scale(query: Tensor, module: torch.nn.Module, scaling: float | None) -> float:
-    """The softmax scale the layer uses: the call's ``scaling``, the module's, or 1/sqrt(d)."""
-    if scaling is not None:
-        return float(scaling)
-    return float(getattr(module, "scaling", None) or query.shape[-1] ** -0.5)
-
-
-def is_cross_attention(module_name: str) -> bool:
-    return any(c in module_name for c in CROSS_NAMES)
 
 
 def _fit(col: Tensor, n: int) -> Tensor:

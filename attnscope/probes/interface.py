@@ -1,21 +1,18 @@
-"""Registration of the probe's attention functions with transformers (process-global, done once).
+"""The probe's attention functions, registered with transformers once per process.
 
 Two implementations are registered, each with the mask function its delegate expects:
 ``attnscope`` (SDPA masks, delegates to SDPA) and ``attnscope_eager`` (eager masks, delegates to the
-module's own eager function, so ``output_attentions`` keeps working). Every call is delegated with
-its arguments unchanged, so the model's output is untouched; then the active capture sessions are
-told about the call.
-
-Mask editors are the one way to change a call (interventions): each registered editor may return a
-replacement for the attention mask (e.g. an additive float mask ``[B, 1|Hq, Tq, Tk]`` carrying a
-score bias) before delegation; observers are then told about the call with the edited mask, so
-captured statistics include the edit. With no editor registered, or every editor returning None,
-calls are delegated unchanged.
+module's own eager function, so ``output_attentions`` keeps working). A call of an attention module
+that a probe session watches (``probes.session``) is described once per session; the sessions'
+mask editors may replace the mask (interventions), the call is delegated to the model's own kernel
+with that mask, then the sessions' observers see it. Calls of modules nobody watches are delegated
+unchanged, so the model's output is untouched unless an editor changes the mask.
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,11 +25,8 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 SDPA_NAME = "attnscope"
 EAGER_NAME = "attnscope_eager"
 
-Observer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Any, dict], None]
-_observers: list[Observer] = []
-# (module, query, key, attention_mask, kwargs) -> replacement mask, or None to leave it as it is
-MaskEditor = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Any, dict], Any]
-_mask_editors: list[MaskEditor] = []
+# attention module -> the active probe sessions watching it (``ProbeSession``; usually one)
+watching: weakref.WeakKeyDictionary[torch.nn.Module, list[Any]] = weakref.WeakKeyDictionary()
 
 
 def module_eager(module: torch.nn.Module) -> Callable:
@@ -52,36 +46,39 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     )
 
 
-def _notify(module, query, key, attention_mask, kwargs) -> None:
-    for observe in list(_observers):
-        observe(module, query, key, attention_mask, kwargs)
+def _probe(delegate: Callable, module, query, key, value, attention_mask, kwargs):
+    """Describe the call to each watching session, apply their edits, delegate, then notify."""
+    sessions = watching.get(module)
+    if not sessions:
+        return delegate(module, query, key, value, attention_mask, **kwargs)
+    calls = [s.call(module, query, key, attention_mask, kwargs) for s in sessions]
+    for session, call in zip(sessions, calls, strict=True):
+        for edit in list(session.editors):
+            call.mask = attention_mask
+            edited = edit(call)
+            if edited is not None:
+                attention_mask = edited
+    out = delegate(module, query, key, value, attention_mask, **kwargs)
+    for session, call in zip(sessions, calls, strict=True):
+        call.mask = attention_mask
+        for observe in list(session.observers):
+            observe(call)
+    return out
 
 
-def _edit_mask(module, query, key, attention_mask, kwargs):
-    for edit in list(_mask_editors):
-        edited = edit(module, query, key, attention_mask, kwargs)
-        if edited is not None:
-            attention_mask = edited
-    return attention_mask
+def _sdpa(module, query, key, value, attention_mask, **kwargs):
+    if kwargs.get("softcap") is not None:  # SDPA refuses softcap: compute with the eager math
+        mask = _additive(attention_mask, query.dtype)
+        return module_eager(module)(module, query, key, value, mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def _sdpa_probe(module, query, key, value, attention_mask, **kwargs):
-    attention_mask = _edit_mask(module, query, key, attention_mask, kwargs)
-    if kwargs.get("softcap") is not None:  # SDPA refuses softcap: compute with the eager math
-        out = module_eager(module)(
-            module, query, key, value, _additive(attention_mask, query.dtype), **kwargs
-        )
-    else:
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    _notify(module, query, key, attention_mask, kwargs)
-    return out
+    return _probe(_sdpa, module, query, key, value, attention_mask, kwargs)
 
 
 def _eager_probe(module, query, key, value, attention_mask, **kwargs):
-    attention_mask = _edit_mask(module, query, key, attention_mask, kwargs)
-    out = module_eager(module)(module, query, key, value, attention_mask, **kwargs)
-    _notify(module, query, key, attention_mask, kwargs)
-    return out
+    return _probe(module_eager(module), module, query, key, value, attention_mask, kwargs)
 
 
 AttentionInterface.register(SDPA_NAME, _sdpa_probe)
@@ -94,24 +91,6 @@ def probe_name_for(implementation: str | None) -> str:
     """Our implementation that reproduces ``implementation``'s outputs (flash -> SDPA masks; ours
     map to themselves, so probes nest)."""
     return EAGER_NAME if implementation in (None, "eager", EAGER_NAME) else SDPA_NAME
-
-
-def add_observer(fn: Observer) -> None:
-    _observers.append(fn)
-
-
-def remove_observer(fn: Observer) -> None:
-    if fn in _observers:
-        _observers.remove(fn)
-
-
-def add_mask_editor(fn: MaskEditor) -> None:
-    _mask_editors.append(fn)
-
-
-def remove_mask_editor(fn: MaskEditor) -> None:
-    if fn in _mask_editors:
-        _mask_editors.remove(fn)
 
 
 def all_configs(model: torch.nn.Module) -> list[Any]:

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from attnscope.errors import AttnscopeError
+from attnscope.kernels.config import StatsConfig
 from attnscope.kernels.dense import probability_stats
 from attnscope.kernels.request import build_request
-from attnscope.metrics.dense import FAI_HORIZON, WAAD_WINDOW
 from attnscope.trace import Trace
 
 
@@ -36,20 +36,23 @@ def capture_lens(
     metrics: Sequence[str] | None = None,
     layers: Iterable[int] | None = None,
     *,
-    window: int = WAAD_WINDOW,
-    fai_horizon: tuple[int, int] | None = FAI_HORIZON,
-    fai_rows: tuple[int, int] | None = None,
-    sink_tokens: int = 1,
+    config: StatsConfig | None = None,
     tokenizer: Any = None,
+    **stats: Any,
 ) -> Trace:
-    """Run ``bridge`` on ``input_ids`` ``[1, T]`` and return the Trace of its attention patterns."""
+    """Run ``bridge`` on ``input_ids`` ``[1, T]`` and return the Trace of its attention patterns.
+
+    ``config`` (``StatsConfig``; ``metrics``, ``layers`` and keyword ``stats`` override its
+    fields) says what to compute; the patterns are reduced by the dense backend."""
+    given = {"metrics": metrics, "layers": layers}
+    config = StatsConfig.build(config, **stats, **{k: v for k, v in given.items() if v is not None})
     disable_torchvision_autoinstall()
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise AttnscopeError(
             f"capture_lens takes input_ids of shape [1, T], got {tuple(input_ids.shape)}"
         )
     n_layers = len(bridge.blocks)
-    chosen = sorted(set(range(n_layers) if layers is None else layers))
+    chosen = list(range(n_layers) if config.layers is None else config.layers)
     if any(not 0 <= i < n_layers for i in chosen):
         raise AttnscopeError(f"layers {chosen} outside the model's 0..{n_layers - 1}")
     results: dict[int, Any] = {}
@@ -57,17 +60,8 @@ def capture_lens(
     def reduce(layer: int):
         def hook(pattern: torch.Tensor, hook: Any) -> None:  # pattern [B, H, T, T]
             b, h, t, _ = pattern.shape
-            shape_only = torch.empty(b, h, t, 0)
-            req = build_request(
-                shape_only,
-                shape_only,
-                scale=1.0,
-                window=window,
-                fai_horizon=fai_horizon,
-                fai_rows=fai_rows,
-                sink_tokens=sink_tokens,
-                metrics=metrics,
-            )
+            shape_only = torch.empty(b, h, t, 1)  # positions and parameters only: never read
+            req = build_request(shape_only, shape_only, config, scale=1.0)
             allowed = pattern > 0  # what the model let each query see
             results[layer] = probability_stats(
                 req, pattern.float(), allowed, torch.full((b, h, t), float("nan"))
@@ -92,8 +86,9 @@ def capture_lens(
         meta={
             "model": type(bridge).__name__,
             "backend": "transformer_lens",
-            "window": window,
-            "fai_horizon": fai_horizon,
-            "sink_tokens": sink_tokens,
+            "stats_config": config.to_json(),
+            "window": config.window,
+            "fai_horizon": config.fai_horizon,
+            "sink_tokens": config.sink_tokens,
         },
     )

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from attnscope.kernels import AttentionStats
-
-_LAYER_NUMBER = re.compile(r"\.(\d+)(?=\.|$)")
-
-
-def stack_of(module_name: str) -> tuple[str, int]:
-    """``model.layers.3.self_attn`` -> (``model.layers.{}.self_attn``, 3). Layer -1 if unnumbered."""
-    m = _LAYER_NUMBER.search(module_name)
-    if m is None:
-        return module_name, -1
-    return module_name[: m.start()] + ".{}" + module_name[m.end() :], int(m.group(1))
 
 
 @dataclass
@@ -27,8 +16,10 @@ class ModuleRecord:
 
     name: str
     causal: bool
+    role: str = "decoder"  # decoder | encoder | cross | vision (models.families)
     n_heads: int = 0
-    seen: int = 0  # query tokens seen so far (self-attention position counter)
+    next_row: int = 0  # one past the last query index stored
+    restarted: bool = False  # a second, independent sequence reached this module (not stored)
     pad: Tensor | None = None  # [B] leading padding tokens per sequence (from the first call)
     row_steps: list[tuple[Tensor, dict[str, Tensor]]] = field(default_factory=list)
     col_sums: dict[str, Tensor] = field(default_factory=dict)  # [B, H, N]
@@ -47,6 +38,11 @@ class ModuleRecord:
             self.k_steps.append((k_index[new].cpu(), key[:, :, new].detach().cpu()))
 
     @property
+    def cross(self) -> bool:
+        """Cross-attention: the keys are encoder positions, not tokens of this sequence."""
+        return self.role == "cross"
+
+    @property
     def has_qk(self) -> bool:
         return bool(self.q_steps)
 
@@ -56,6 +52,10 @@ class ModuleRecord:
 
     def add(self, q_index: Tensor, k_index: Tensor, stats: AttentionStats) -> None:
         """Store rows at query indices ``[Tq]`` and add columns at key indices ``[Tk]``."""
+        if q_index.numel() and int(q_index[0]) < self.next_row:
+            self.restarted = True  # a second sequence: not mixed into the first
+            return
+        self.next_row = int(q_index[-1]) + 1 if q_index.numel() else self.next_row
         self.n_heads = stats.lse.shape[1]
         self.row_steps.append((q_index.cpu(), {k: v.cpu() for k, v in stats.rows.items()}))
         n = int(k_index.max()) + 1 if k_index.numel() else 0

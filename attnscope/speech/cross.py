@@ -12,8 +12,7 @@ from torch import Tensor
 from attnscope.errors import AttnscopeError
 from attnscope.kernels.tiles import attention_tile
 from attnscope.models.loaded import LoadedModel
-from attnscope.probes.capture import Capture, is_cross_attention
-from attnscope.probes.records import stack_of
+from attnscope.probes.capture import Capture
 from attnscope.speech.inputs import SpeechInput, decoder_prefix
 from attnscope.trace import Trace
 
@@ -121,16 +120,14 @@ def _cross_maps(cross: Trace) -> Tensor:
 
 def _encoder_trace(cap: Capture) -> Trace:
     """Statistics of the encoder's self-attention (the non-causal, non-cross stack)."""
-    stacks = [
-        stack_of(n)[0] for n, r in cap.records.items() if not r.causal and not is_cross_attention(n)
-    ]
+    stacks = cap.stacks("encoder")
     if not stacks:
         raise AttnscopeError("no encoder self-attention call was captured")
     return cap.traces(stacks[0])[0]
 
 
 def _cross_stack(cap: Capture) -> str:
-    stacks = [s for s in cap.stacks() if is_cross_attention(s)]
+    stacks = cap.stacks("cross")
     if not stacks:
         raise AttnscopeError(
             "no cross-attention call was captured: is this an encoder-decoder model?"

@@ -16,24 +16,18 @@ from torch import Tensor
 from attnscope.errors import AttnscopeError
 from attnscope.kernels import attention_stats
 from attnscope.kernels.request import build_request
-from attnscope.probes.capture import stats_scale
-from attnscope.probes.records import stack_of
+from attnscope.probes.session import AttentionCall, ProbeSession
 from attnscope.vlm.layout import ImageLayout, family_of
 
 
 class ClassTokenScores:
-    """Observer (``interface.add_observer``) keeping, per vision layer in ``layers``, the score of
-    every vision token. Negative layers count from the end of the vision tower."""
+    """Observer (``ProbeSession.attached(observer=...)``) keeping, per vision layer in ``layers``,
+    the score of every vision token. Negative layers count from the end of the vision tower."""
 
-    def __init__(self, model: torch.nn.Module, layout: ImageLayout, layers: Iterable[int]) -> None:
-        family = family_of(model.config)
+    def __init__(self, probe: ProbeSession, layout: ImageLayout, layers: Iterable[int]) -> None:
         self.layout = layout
-        self.class_token = family.class_token
-        vision = {
-            m: stack_of(n)[1]
-            for n, m in model.named_modules()
-            if stack_of(n)[0] == family.vision_stack
-        }
+        self.class_token = family_of(probe.model.config).class_token
+        vision = probe.layers("vision")
         n_layers = len(vision)
         wanted = {}
         for layer in layers:
@@ -45,25 +39,22 @@ class ClassTokenScores:
             wanted[layer] = index
         self.layers = wanted  # as asked -> absolute index
         self._modules = {m: i for m, i in vision.items() if i in wanted.values()}
-        self._seen: dict[torch.nn.Module, int] = {}
         self.scores: dict[int, dict[int, Tensor]] = {}  # absolute layer -> batch -> [N_vision]
         self.version = 0  # bumped on every observed call
 
     @torch.no_grad()
-    def __call__(self, module, query: Tensor, key: Tensor, mask, kwargs: dict) -> None:
-        layer = self._modules.get(module)
+    def __call__(self, call: AttentionCall) -> None:
+        layer = self._modules.get(call.module)
         if layer is None:
             return
-        offset = self._seen.get(module, 0)  # packed towers (Qwen2-VL) call once per image
-        n = query.shape[2]
-        self._seen[module] = offset + n
-        scale = stats_scale(query, module, kwargs.get("scaling"))
+        query, key = call.query, call.key
+        offset, n = int(call.q_index[0]), query.shape[2]  # packed towers: one call per image
         if self.class_token:
-            req = build_request(query[:, :, :1], key, causal=False, scale=scale, metrics=[])
+            req = build_request(query[:, :, :1], key, causal=False, scale=call.scale, metrics=[])
             score = torch.softmax(req.scores(slice(None)), -1)[:, :, 0]  # [B, H, n]
         else:
             stats = attention_stats(
-                query, key, causal=False, scale=scale, mask=mask, metrics=("received",)
+                query, key, causal=False, scale=call.scale, mask=call.mask, metrics=("received",)
             )
             score = stats.col_sums["received"] / n  # [B, H, n]
         per_batch = self.scores.setdefault(layer, {})
@@ -74,10 +65,6 @@ class ClassTokenScores:
             buf[offset : offset + n] = row
             per_batch[b] = buf
         self.version += 1
-
-    def rewind(self) -> None:
-        """Start token counting again (before the next image batch goes through the tower)."""
-        self._seen.clear()
 
     def token_scores(self, layer: int) -> list[Tensor]:
         """Score of each LLM image token, one ``[n_i]`` tensor per image, for a layer as asked."""
