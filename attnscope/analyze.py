@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from attnscope.errors import AttnscopeError
-from attnscope.metrics.dense import FAI_HORIZON, WAAD_WINDOW
+from attnscope.generation import greedy_generate
+from attnscope.kernels.config import StatsConfig
 from attnscope.models.loaded import LoadedModel
 from attnscope.probes.capture import Capture
 from attnscope.trace import Trace
-
-
-class ProgressTick(StoppingCriteria):
-    """Advances a progress bar by one token per sequence per generation step; never stops
-    generation."""
-
-    def __init__(self, bar: tqdm) -> None:
-        self.bar = bar
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.bar.update(input_ids.shape[0])
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def analyze(
@@ -34,23 +21,20 @@ def analyze(
     text: str,
     generate: int = 0,
     *,
-    metrics: Sequence[str] | None = None,
-    layers: Sequence[int] | None = None,
-    backend: str = "auto",
-    window: int = WAAD_WINDOW,
-    fai_horizon: tuple[int, int] | None = FAI_HORIZON,
-    fai_rows: tuple[int, int] | str | None = None,
-    sink_tokens: int = 1,
-    spans: Mapping[str, tuple[int, int]] | None = None,
-    keep_qk: Sequence[int] | bool = False,
+    config: StatsConfig | None = None,
     progress: bool = True,
+    **stats: Any,
 ) -> Trace:
     """Run ``lm`` on ``text`` (greedily generating ``generate`` tokens) and return its Trace.
 
-    ``trace.spans`` holds ``prompt`` and, when generating, ``response``. ``fai_rows="response"``
-    restricts FAI to response rows, as in reasoning-trace analyses. ``keep_qk`` keeps the
-    post-RoPE queries and keys of those layers (True: all) for attention heatmaps on demand.
+    ``config`` (``StatsConfig``) says what to compute; keyword ``stats`` override its fields
+    (``metrics``, ``layers``, ``backend``, ``window``, ``fai_horizon``, ``fai_rows``,
+    ``sink_tokens``, ``spans``, ``keep_qk``). ``trace.spans`` holds ``prompt`` and, when
+    generating, ``response``. ``fai_rows="response"`` restricts FAI to response rows, as in
+    reasoning-trace analyses. ``keep_qk`` keeps the post-RoPE queries and keys of those layers
+    (True: all) for attention heatmaps on demand.
     """
+    config = StatsConfig.build(config, **stats)
     if lm.kind not in ("causal-lm", "encoder"):
         raise AttnscopeError(
             f"analyze() takes text models; {lm.name!r} is a {lm.kind} model "
@@ -64,21 +48,7 @@ def analyze(
     ids = tok(text, return_tensors="pt").input_ids.to(model.device)  # [1, T0]
     n_prompt = ids.shape[1]
     check_context(lm, n_prompt + generate)
-    if fai_rows == "response":
-        fai_rows = (n_prompt, n_prompt + generate)
-    cap = Capture(
-        model,
-        metrics,
-        layers,
-        backend=backend,
-        window=window,
-        fai_horizon=fai_horizon,
-        fai_rows=fai_rows,
-        sink_tokens=sink_tokens,
-        spans=spans,
-        tokenizer=tok,
-        keep_qk=keep_qk,
-    )
+    cap = Capture(model, config=config.resolved(n_prompt, n_prompt + generate), tokenizer=tok)
     start = time.perf_counter()
     with torch.no_grad(), cap:
         if generate:
@@ -117,28 +87,6 @@ def _generate(model: Any, tok: Any, ids: torch.Tensor, n_new: int, progress: boo
     seq = out.sequences  # [1, T0 + generated]
     if seq.shape[1] > ids.shape[1]:
         model(input_ids=seq[:, -1:], past_key_values=out.past_key_values, logits_to_keep=1)
-
-
-def greedy_generate(
-    model: Any, tok: Any, ids: torch.Tensor, attention_mask: torch.Tensor, n_new: int, bar: tqdm
-) -> Any:
-    """Greedy generation of up to ``n_new`` tokens after ``ids`` ``[B, T0]`` (left-padded when
-    B > 1), ticking ``bar`` per generated token; generate()'s output (``.sequences``
-    ``[B, T0 + generated]``, finished sequences continued with the pad token)."""
-    return model.generate(
-        ids,
-        attention_mask=attention_mask,
-        max_new_tokens=n_new,
-        do_sample=False,
-        return_dict_in_generate=True,
-        stopping_criteria=StoppingCriteriaList([ProgressTick(bar)]),
-        pad_token_id=pad_token_id(tok),
-    )
-
-
-def pad_token_id(tok: Any) -> int | None:
-    """The tokenizer's pad token, else its end-of-sequence token."""
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def check_context(lm: LoadedModel, n_tokens: int) -> None:

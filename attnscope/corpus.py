@@ -29,10 +29,18 @@ from filelock import FileLock, Timeout
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from attnscope.analyze import check_context, greedy_generate, label_run, pad_token_id
+from attnscope.analyze import check_context, label_run
 from attnscope.atomic import write_file_atomically
 from attnscope.errors import AttnscopeError, RunExistsError
-from attnscope.metrics.dense import FAI_HORIZON, WAAD_WINDOW
+from attnscope.generation import (
+    cut_at_eos,
+    eos_ids,
+    greedy_generate,
+    left_pad,
+    pad_token_id,
+    padded_positions,
+)
+from attnscope.kernels.config import RESPONSE, StatsConfig
 from attnscope.models.loaded import LoadedModel
 from attnscope.models.loader import load
 from attnscope.probes.capture import Capture
@@ -67,21 +75,16 @@ def analyze_corpus(
     *,
     out: str | Path,
     batch_size: int = 8,
-    metrics: Sequence[str] | None = None,
-    layers: Sequence[int] | None = None,
-    backend: str = "auto",
-    window: int = WAAD_WINDOW,
-    fai_horizon: tuple[int, int] | None = FAI_HORIZON,
-    fai_rows: tuple[int, int] | str | None = None,
-    sink_tokens: int = 1,
-    keep_qk: Sequence[int] | bool = False,
+    config: StatsConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    **stats: Any,
 ) -> CorpusSummary:
     """Analyze every prompt as ``analyze(lm, text, generate)`` would, in batches of ``batch_size``
     (prompts sorted by length), into the corpus run ``out`` (see the module docstring).
 
     ``prompts``: texts (id = index), ``(id, text)`` pairs or ``{"prompt": ..., "id": ...}`` dicts.
+    ``config`` (``StatsConfig``; keyword ``stats`` override its fields) says what to compute.
     ``lm`` may be a model name, then loaded only once ``out`` is known to be usable. An existing
     ``out`` of the same model, parameters and prompts is resumed; one that differs is refused
     unless ``overwrite``. A prompt that fails (too long for the context, an exception in its
@@ -93,25 +96,14 @@ def analyze_corpus(
         raise ValueError(f"generate must be >= 0, got {generate}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if isinstance(fai_rows, str) and fai_rows != "response":
-        raise ValueError(f"fai_rows must be (start, end), 'response' or None, got {fai_rows!r}")
+    config = StatsConfig.build(config, **stats)  # checks metrics, backend and window once
     entries = prompt_list(prompts)
     out = Path(out)
-    options = dict(
-        metrics=None if metrics is None else list(metrics),
-        layers=None if layers is None else sorted(set(layers)),
-        backend=backend,
-        window=window,
-        fai_horizon=fai_horizon,
-        fai_rows=fai_rows,
-        sink_tokens=sink_tokens,
-        keep_qk=keep_qk if isinstance(keep_qk, bool) else sorted(set(keep_qk)),
-    )
     manifest = {
         "format": CORPUS_FORMAT,
         "format_version": CORPUS_VERSION,
         "model": lm if isinstance(lm, str) else lm.name,
-        "parameters": json.loads(json.dumps({"generate": generate, **options})),
+        "parameters": {"generate": generate, **config.to_json()},
         "prompts_sha256": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
         "prompts": [pid for pid, _ in entries],
         "failed": {},
@@ -127,8 +119,6 @@ def analyze_corpus(
                 f"analyze_corpus() takes causal language models; {lm.name!r} is a {lm.kind} model "
                 "(use analyze() per text)"
             )
-        # check metrics, backend and window once, not in every batch
-        Capture(lm.model, **{**options, "fai_rows": None if fai_rows == "response" else fai_rows})
         _open_out(out, resume)
 
         prompts_dir = out / PROMPTS_DIR
@@ -150,10 +140,10 @@ def analyze_corpus(
 
         planned = sum(len(p.ids) for p in todo) + generate * len(todo)
         with tqdm(total=planned, desc="analyzing", unit="tok", disable=not progress) as bar:
-            for batch in _batches(todo, batch_size, same_length=fai_rows == "response"):
+            for batch in _batches(todo, batch_size, same_length=config.fai_rows == RESPONSE):
                 before = bar.n
                 try:
-                    traces = _analyze_batch(lm, batch, generate, options, bar)
+                    traces = _analyze_batch(lm, batch, generate, config, bar)
                     for prompt, trace in zip(batch, traces, strict=True):
                         trace.save(prompts_dir / prompt.id)
                 except Exception as err:  # reported and skipped: one bad batch must not end the run
@@ -323,7 +313,7 @@ def _batches(prompts: list[_Prompt], size: int, same_length: bool) -> list[list[
 
 
 def _analyze_batch(
-    lm: LoadedModel, batch: list[_Prompt], generate: int, options: dict, bar: tqdm
+    lm: LoadedModel, batch: list[_Prompt], generate: int, config: StatsConfig, bar: tqdm
 ) -> list[Trace]:
     """Generate for a batch, then capture one padded forward pass of its final sequences; one
     labelled Trace per prompt (padding dropped)."""
@@ -332,17 +322,15 @@ def _analyze_batch(
     seqs = [p.ids for p in batch]
     if generate:
         seqs = _generated(lm, seqs, generate, bar)
-    ids, mask = _left_pad(seqs, pad_token_id(tok), model.device)  # [B, T]
+    ids, mask = left_pad(seqs, pad_token_id(model, tok), model.device)  # [B, T]
     n_prompt = len(batch[0].ids)
-    fai_rows = options["fai_rows"]
-    if fai_rows == "response":  # the batch's prompts share one length
-        fai_rows = (n_prompt, n_prompt + generate)
-    cap = Capture(model, tokenizer=tok, **{**options, "fai_rows": fai_rows})
+    # fai_rows="response": the batch's prompts share one length
+    cap = Capture(model, config=config.resolved(n_prompt, n_prompt + generate), tokenizer=tok)
     with torch.no_grad(), cap:
         model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            position_ids=padded_positions(mask),
             logits_to_keep=1,
         )
     bar.update(sum(len(p.ids) for p in batch))
@@ -355,30 +343,9 @@ def _analyze_batch(
 def _generated(lm: LoadedModel, prompts: list[Tensor], generate: int, bar: tqdm) -> list[Tensor]:
     """Each prompt ``[T0_i]`` followed by its greedy response up to and including the first
     end-of-sequence token (batched generation, left padding)."""
-    ids, mask = _left_pad(prompts, pad_token_id(lm.tokenizer), lm.model.device)  # [B, T0]
-    out = greedy_generate(lm.model, lm.tokenizer, ids, mask, generate, bar)
+    model, tok = lm.model, lm.tokenizer
+    ids, mask = left_pad(prompts, pad_token_id(model, tok), model.device)  # [B, T0]
+    out = greedy_generate(model, tok, ids, mask, generate, bar)
     new = out.sequences[:, ids.shape[1] :].cpu()  # [B, generated]
-    eos = _eos_ids(lm.model)
+    eos = eos_ids(model, tok)
     return [torch.cat([p, cut_at_eos(r, eos)]) for p, r in zip(prompts, new, strict=True)]
-
-
-def cut_at_eos(response: Tensor, eos: set[int]) -> Tensor:
-    """``response`` ``[G]`` up to and including its first end-of-sequence token."""
-    hits = [i for i, t in enumerate(response.tolist()) if t in eos]
-    return response[: hits[0] + 1] if hits else response
-
-
-def _eos_ids(model: Any) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-
-
-def _left_pad(seqs: list[Tensor], pad: int | None, device: Any) -> tuple[Tensor, Tensor]:
-    """Left-padded token ids ``[B, T]`` and attention mask ``[B, T]`` (1 = token)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), 0 if pad is None else pad, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s) :] = s
-        mask[row, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)

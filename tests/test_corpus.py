@@ -88,13 +88,6 @@ def test_each_prompt_equals_analyze_alone(lm, tmp_path, monkeypatch):
     assert full[0] and full[4]  # its batch (the three shortest prompts) went on
 
 
-def test_cut_at_eos():
-    pad = 0
-    assert corpus.cut_at_eos(torch.tensor([5, 7, 2, pad, pad]), {2}).tolist() == [5, 7, 2]
-    assert corpus.cut_at_eos(torch.tensor([2, 2]), {2, 9}).tolist() == [2]
-    assert corpus.cut_at_eos(torch.tensor([5, 7]), {2}).tolist() == [5, 7]
-
-
 def test_fai_on_response_rows_batches_equal_lengths(gpt2, tmp_path):
     texts = ["a b c d", "e f g h", "one two three four five six", "x y z w"]
     summary = asc.analyze_corpus(

@@ -1,11 +1,13 @@
-"""Credit definitions (METRICS.md) on hand-built WAAD / FAI sequences, and from a real trace."""
+"""Preplan / anchor detection and credit definitions (METRICS.md) on hand-built WAAD / FAI
+sequences, and from a real trace."""
 
 import pytest
 import torch
 
 import attnscope as asc
 from attnscope.errors import AttnscopeError
-from attnscope.rl import CreditConfig, gammas, rhythm, sample_layers, shape_advantages, token_sets
+from attnscope.rhythm import RhythmConfig, rhythm, sample_layers, token_sets
+from attnscope.rl import CreditConfig, gammas, shape_advantages
 
 # 10 response tokens. WAAD jumps between t=2->3 (delta 4) and t=6->7 (delta 5).
 WAAD = torch.tensor([1.0, 1.0, 1.0, 5.0, 5.0, 5.0, 0.5, 5.5, 5.5, 5.5])
@@ -15,7 +17,7 @@ ENT = torch.arange(10.0)
 
 
 def test_token_sets_by_hand():
-    r = token_sets(WAAD, FAI, ENT, CreditConfig())
+    r = token_sets(WAAD, FAI, ENT, RhythmConfig())
     assert r.delta.tolist() == pytest.approx([0, 0, 4, 0, 0, 4.5, 5, 0, 0, 0])
     # top 40% (4 tokens) by delta: 6 (5), 5 (4.5), 2 (4), then the first zero (t=0, stable order)
     assert torch.nonzero(r.preplan).flatten().tolist() == [0, 2, 5, 6]
@@ -43,11 +45,11 @@ def test_gammas_per_strategy():
 
 
 def test_thresholds_change_dominance():
-    r = token_sets(WAAD, FAI, ENT, CreditConfig(tau_delta=4.5))
+    r = token_sets(WAAD, FAI, ENT, RhythmConfig(tau_delta=4.5))
     # only anchors with a delta >= 4.5 within 3 tokens before them: 7 (delta_6 = 5), but its
     # WAAD 5.5 > median 5.0; 3 and 4 see at most 4 -> nothing dominated
     assert not r.dominated.any() and not r.intro.any()
-    r = token_sets(WAAD, FAI, ENT, CreditConfig(tau_waad=6.0, tau_delta=4.5))
+    r = token_sets(WAAD, FAI, ENT, RhythmConfig(tau_waad=6.0, tau_delta=4.5))
     assert torch.nonzero(r.dominated).flatten().tolist() == [7, 8]
     assert torch.nonzero(r.intro).flatten().tolist() == [6]
 
@@ -71,7 +73,9 @@ def test_rhythm_from_a_trace(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNSCOPE_CACHE", str(tmp_path))
     lm = asc.load("tiny-llama")
     trace = asc.analyze(lm, "one two three", generate=16, fai_rows="response", progress=False)
-    r = rhythm(trace, CreditConfig(n_layers=5))
+    r = rhythm(trace, RhythmConfig(n_layers=5))
+    credit = rhythm(trace, CreditConfig(n_layers=5))  # the credit config carries the detection's
+    assert torch.equal(credit.preplan, r.preplan) and torch.equal(credit.anchor, r.anchor)
     n = trace.spans["response"][1] - trace.spans["response"][0]
     assert r.waad.shape == r.fai.shape == (n,)
     assert r.layers == sample_layers(len(trace.layers), 5)

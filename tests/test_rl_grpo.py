@@ -11,12 +11,12 @@ import attnscope as asc
 from attnscope import metrics
 from attnscope.cli import main
 from attnscope.errors import AttnscopeError, ShapeError
-from attnscope.rl import CreditConfig, Rhythm, gammas, rhythm
+from attnscope.rhythm import Rhythm, rhythm
+from attnscope.rl import CreditConfig, gammas
 from attnscope.rl.grpo import (
-    CREDIT_METRICS,
+    CREDIT_STATS,
     GRPOConfig,
     GRPOTrainer,
-    cut_at_eos,
     group_advantages,
     grpo_loss,
     pack,
@@ -114,13 +114,6 @@ def test_pack_left_pads_whole_sequences():
     assert r.response_mask.tolist() == [[True, True, True], [False, False, True]]
     with pytest.raises(ShapeError, match="at least one token"):
         pack([t([1])], [t([], dtype=torch.long)], 0)
-
-
-def test_cut_at_eos():
-    t = torch.tensor([5, 6, 2, 7, 2])
-    assert cut_at_eos(t, [2]).tolist() == [5, 6, 2]
-    assert cut_at_eos(t, [9, 6]).tolist() == [5, 6]
-    assert cut_at_eos(t, [9]).tolist() == t.tolist()
 
 
 # -- credit from the policy's forward vs eager attentions ----------------------------------------
@@ -284,7 +277,7 @@ def test_trl_gammas_in_trl_layout(trl_trainer, tiny):
         seq = torch.cat([p, c])
         with (
             torch.no_grad(),
-            asc.capture(tiny.model, CREDIT_METRICS, fai_rows=(p.numel(), seq.numel())) as cap,
+            asc.capture(tiny.model, config=CREDIT_STATS, fai_rows=(p.numel(), seq.numel())) as cap,
         ):
             tiny.model(input_ids=seq[None])
         trace = cap.trace
@@ -340,7 +333,7 @@ def test_gemma_credit_from_capture_equals_eager():
         lm,
         "Question: 17 + 25 = ? Think step by step.\nAnswer:",
         generate=40,
-        metrics=CREDIT_METRICS,
+        config=CREDIT_STATS,
         fai_rows="response",
         progress=False,
     )

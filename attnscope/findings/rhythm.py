@@ -1,9 +1,9 @@
 """Preplan-and-anchor rhythm (Li et al. 2025, "Attention Illuminates LLM Reasoning: The
 Preplan-and-Anchor Rhythm Enables Fine-Grained Policy Optimization", Table 2) on greedy answers to
-arithmetic word problems.
+arithmetic word problems: the reproduction of the paper's measurements.
 
-Signals come from ``attnscope.rl.credit.rhythm``: the local-head mean WAAD and the global-head mean
-FAI over the response, on layers sampled from the middle third. Two measurements:
+Signals come from the detection in ``attnscope.rhythm``: the local-head mean WAAD and the
+global-head mean FAI over the response, on layers sampled from the middle third. Two measurements:
 
 (a) token entropy at WAAD peaks vs at random response positions: the entropy (nats) of the
     next-token distribution each response token was chosen from, from one teacher-forced forward
@@ -29,7 +29,7 @@ from attnscope.errors import AttnscopeError
 from attnscope.findings.table import Row
 from attnscope.findings.texts import WordProblem, word_problems
 from attnscope.models.loaded import LoadedModel
-from attnscope.rl.credit import CreditConfig, rhythm
+from attnscope.rhythm import RhythmConfig, rhythm
 
 PEAK_QUANTILE = 0.8
 LOOKBACK = 3  # an FAI peak at t counts as coupled when a WAAD peak lies in [t - k, t]
@@ -235,7 +235,7 @@ class RhythmResult:
             f"WAAD peaks shuffled ({c.p_text})",
             how=f"{self.model}, {len(self.samples)} templated word problems ({self.skipped} left "
             f"out: answer under {MIN_RESPONSE} tokens), greedy up to {self.n_new} new tokens; "
-            f"rl.credit.rhythm: local-head WAAD, global-head FAI over response rows, layers "
+            f"attnscope.rhythm: local-head WAAD, global-head FAI over response rows, layers "
             f"{self.layers}; peak = local maximum above the response's {self.quantile:.0%} "
             "quantile; token entropy = entropy of the next-token distribution the token was "
             "drawn from, one teacher-forced forward (greedy argmax reproduces "
@@ -252,7 +252,7 @@ def measure_rhythm(
     k: int = LOOKBACK,
     quantile: float = PEAK_QUANTILE,
     n_shuffles: int = 2000,
-    config: CreditConfig | None = None,
+    config: RhythmConfig | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> RhythmResult:
@@ -260,7 +260,7 @@ def measure_rhythm(
     if lm.kind != "causal-lm":
         raise AttnscopeError(f"the rhythm needs a causal LM; {lm.name!r} is a {lm.kind} model")
     start = time.perf_counter()
-    config = config or CreditConfig()
+    config = config or RhythmConfig()
     samples, layers, skipped = [], [], 0
     for problem in tqdm(
         word_problems(n_samples, seed), desc="rhythm", unit="problem", disable=not progress

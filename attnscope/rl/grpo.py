@@ -20,20 +20,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from attnscope.errors import AttnscopeError, ShapeError
-from attnscope.metrics.dense import FAI_HORIZON
+from attnscope.generation import cut_at_eos, eos_ids, left_pad, pad_token_id, padded_positions
+from attnscope.kernels.config import StatsConfig
 from attnscope.probes.capture import Capture
-from attnscope.rl.credit import (
-    CreditConfig,
-    Rhythm,
-    Strategy,
-    gammas,
-    rhythm,
-    sample_layers,
-    shape_advantages,
-)
+from attnscope.probes.session import AttentionCall
+from attnscope.rhythm import Rhythm, rhythm, sample_layers
+from attnscope.rl.credit import CreditConfig, Strategy, gammas, shape_advantages
 from attnscope.trace import Trace
 
-CREDIT_METRICS = ("waad", "mean_distance", "entropy", "fai")
+CREDIT_STATS = StatsConfig(metrics=("waad", "mean_distance", "entropy", "fai"))
 DEFAULT_CREDIT = CreditConfig()
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]  # (prompts, completions) -> rewards
 
@@ -49,7 +44,8 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     strategy: Strategy | None = "coupled"  # None: plain GRPO, every gamma_t = 1
     credit: CreditConfig = field(default_factory=CreditConfig)
-    fai_horizon: tuple[int, int] | None = FAI_HORIZON
+    # statistics the credit reads; policy_pass sets the layers and the FAI rows per rollout
+    stats: StatsConfig = field(default_factory=lambda: CREDIT_STATS)
 
 
 # -- loss ---------------------------------------------------------------------------------------
@@ -115,23 +111,12 @@ class Rollout:
 
     @property
     def position_ids(self) -> Tensor:  # [B, T] real positions, as generate() uses them
-        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return padded_positions(self.attention_mask)
 
     @property
     def response_mask(self) -> Tensor:  # [B, W] bool, True on completion tokens
         first = self.width - torch.tensor(self.completion_lens)  # [B]
         return torch.arange(self.width)[None] >= first[:, None]
-
-
-def left_pad(seqs: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
-    """1-d id tensors -> ids [B, T] and attention mask [B, T], padded on the left."""
-    t = max(s.numel() for s in seqs)
-    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), t, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, t - s.numel() :] = s
-        mask[b, t - s.numel() :] = 1
-    return ids, mask
 
 
 def pack(prompts: Sequence[Tensor], completions: Sequence[Tensor], pad_id: int) -> Rollout:
@@ -146,27 +131,6 @@ def pack(prompts: Sequence[Tensor], completions: Sequence[Tensor], pad_id: int) 
     return Rollout(ids, mask, [p.numel() for p in prompts], [c.numel() for c in completions])
 
 
-def cut_at_eos(tokens: Tensor, eos_ids: Sequence[int]) -> Tensor:
-    """``tokens`` [N] up to and including the first EOS (all of it if there is none)."""
-    hits = torch.nonzero(torch.isin(tokens, torch.tensor(list(eos_ids)))).flatten()
-    return tokens[: int(hits[0]) + 1] if hits.numel() else tokens
-
-
-def eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The generation config's EOS ids (one or several), else the tokenizer's."""
-    eos = model.generation_config.eos_token_id
-    eos = tokenizer.eos_token_id if eos is None else eos
-    if eos is None:
-        raise AttnscopeError("neither the model's generation config nor the tokenizer has an EOS")
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
-def pad_id(model: Any, tokenizer: Any) -> int:
-    """The tokenizer's pad id, else the first EOS id."""
-    pad = tokenizer.pad_token_id
-    return eos_ids(model, tokenizer)[0] if pad is None else pad
-
-
 @torch.no_grad()
 def sample(
     model: Any, tokenizer: Any, prompts: Sequence[str], config: GRPOConfig
@@ -175,7 +139,8 @@ def sample(
     encoded = [
         torch.tensor(tokenizer(p).input_ids) for p in prompts for _ in range(config.group_size)
     ]
-    ids, mask = left_pad(encoded, pad_id(model, tokenizer))  # [B, T0]
+    pad, stop = pad_token_id(model, tokenizer), eos_ids(model, tokenizer)
+    ids, mask = left_pad(encoded, pad)  # [B, T0]
     was_training = model.training
     model.eval()
     try:
@@ -187,12 +152,11 @@ def sample(
             top_k=0,
             top_p=1.0,
             max_new_tokens=config.max_new_tokens,
-            pad_token_id=pad_id(model, tokenizer),
-            eos_token_id=eos_ids(model, tokenizer),
+            pad_token_id=pad,
+            eos_token_id=stop or None,
         ).cpu()  # [B, T0 + N]
     finally:
         model.train(was_training)
-    stop = eos_ids(model, tokenizer)
     return encoded, [cut_at_eos(row, stop) for row in out[:, ids.shape[1] :]]
 
 
@@ -202,11 +166,11 @@ class _TimedCapture(Capture):
 
     seconds: float = 0.0
 
-    def _observe(self, module, query, key, mask, kwargs) -> None:
+    def _observe(self, call: AttentionCall) -> None:
         start = time.perf_counter()
-        super()._observe(module, query, key, mask, kwargs)
-        if query.is_cuda:
-            torch.cuda.synchronize(query.device)
+        super()._observe(call)
+        if call.query.is_cuda:
+            torch.cuda.synchronize(call.query.device)
         self.seconds += time.perf_counter() - start
 
 
@@ -229,7 +193,7 @@ def policy_pass(
     strategy: Strategy | None,
     credit: CreditConfig = DEFAULT_CREDIT,
     *,
-    fai_horizon: tuple[int, int] | None = FAI_HORIZON,
+    stats: StatsConfig = CREDIT_STATS,
     logprobs: bool = True,
     temperature: float = 1.0,
 ) -> PolicyPass:
@@ -253,9 +217,8 @@ def policy_pass(
         n_layers = model.config.get_text_config().num_hidden_layers
         cap = _TimedCapture(
             model,
-            CREDIT_METRICS,
-            credit_layers(n_layers, credit),
-            fai_horizon=fai_horizon,
+            config=stats,
+            layers=credit_layers(n_layers, credit),
             fai_rows=(min(rollout.prompt_lens), rollout.ids.shape[1]),
         )
     with cap or nullcontext():
@@ -349,7 +312,7 @@ class GRPOTrainer:
                 f"reward_fn returned {rewards.numel()} rewards for {len(texts)} completions"
             )
         advantages = group_advantages(rewards, cfg.group_size)  # [B]
-        rollout = pack(prompt_ids, completion_ids, pad_id(self.model, self.tokenizer))
+        rollout = pack(prompt_ids, completion_ids, pad_token_id(self.model, self.tokenizer))
         mask = rollout.response_mask  # [B, W]
         was_training = self.model.training
         self.model.train()
@@ -359,7 +322,7 @@ class GRPOTrainer:
                 rollout,
                 cfg.strategy,
                 cfg.credit,
-                fai_horizon=cfg.fai_horizon,
+                stats=cfg.stats,
                 temperature=cfg.temperature,
             )
             assert first.logp is not None

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from attnscope.errors import MissingDependencyError
-from attnscope.metrics.dense import FAI_HORIZON
+from attnscope.kernels.config import StatsConfig
 from attnscope.rl.credit import CreditConfig, Strategy, shape_advantages
-from attnscope.rl.grpo import pack, policy_pass
+from attnscope.rl.grpo import CREDIT_STATS, pack, policy_pass
 
 try:
     from trl import GRPOTrainer
@@ -41,13 +41,13 @@ class CreditGRPOTrainer(GRPOTrainer):
         *args: Any,
         credit_strategy: Strategy = "coupled",
         credit_config: CreditConfig | None = None,
-        fai_horizon: tuple[int, int] | None = FAI_HORIZON,
+        stats: StatsConfig = CREDIT_STATS,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.credit_strategy = credit_strategy
         self.credit_config = credit_config or CreditConfig()
-        self.fai_horizon = fai_horizon
+        self.stats = stats
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
@@ -83,7 +83,7 @@ class CreditGRPOTrainer(GRPOTrainer):
             rollout,
             self.credit_strategy,
             self.credit_config,
-            fai_horizon=self.fai_horizon,
+            stats=self.stats,
             logprobs=False,
         )
         response = rollout.response_mask  # [R, W], right-aligned completions

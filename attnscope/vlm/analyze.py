@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteriaList
 
-from attnscope.analyze import ProgressTick, check_context, label_run
+from attnscope.analyze import check_context, label_run
+from attnscope.generation import ProgressTick, pad_token_id
+from attnscope.kernels.config import StatsConfig
 from attnscope.models.loaded import LoadedModel
 from attnscope.probes.capture import Capture
 from attnscope.trace import Trace
 from attnscope.vlm.images import ImageSource
 from attnscope.vlm.inputs import prepare
 from attnscope.vlm.layout import ImageLayout, family_of
+
+VLM_STATS = StatsConfig(keep_qk=True)
 
 
 class Intervention(Protocol):
@@ -32,18 +35,19 @@ def analyze_image(
     prompt: str,
     generate: int = 0,
     *,
-    layers: Sequence[int] | None = None,
-    keep_qk: Sequence[int] | bool = True,
+    config: StatsConfig = VLM_STATS,
     intervention: Intervention | None = None,
-    backend: str = "auto",
     progress: bool = True,
+    **stats: Any,
 ) -> Trace:
     """Run ``lm`` on ``images`` and ``prompt`` (greedily generating ``generate`` tokens) and
     return the Trace of its language model.
 
     ``trace.spans`` holds ``prompt``, ``response`` and one ``image:i`` span per image;
-    ``trace.meta["images"]`` the patch grid of each (``ImageLayout.of(trace)``). ``keep_qk`` keeps
-    the queries and keys that heatmaps and visual entropy are computed from. ``intervention``
+    ``trace.meta["images"]`` the patch grid of each (``ImageLayout.of(trace)``). ``config``
+    (``StatsConfig``; keyword ``stats`` override its fields) says what to compute; by default it
+    keeps the queries and keys that heatmaps and visual entropy are computed from, and adds one
+    ``span_mass:image:i`` per image. ``intervention``
     (e.g. ``VisualBoost()``) is applied during the run and its effect captured with it;
     ``meta["intervention"]`` adds the edited rows' mass on the image tokens before and after the
     edit, per layer.
@@ -54,13 +58,10 @@ def analyze_image(
     model, tensors = lm.model, inputs.tensors
     n_prompt = tensors["input_ids"].shape[1]
     check_context(lm, n_prompt + generate)
+    config = StatsConfig.build(config, **stats)
+    config = config.replace(spans={**config.span_dict, **inputs.layout.spans})
     cap = Capture(
-        model,
-        layers=layers,
-        backend=backend,
-        spans=inputs.layout.spans,
-        tokenizer=lm.tokenizer,
-        keep_qk=keep_qk,
+        model, config=config.resolved(n_prompt, n_prompt + generate), tokenizer=lm.tokenizer
     )
     session = (
         intervention.applied(model, inputs.layout) if intervention else contextlib.nullcontext()
@@ -95,7 +96,7 @@ def _generate(model: Any, tensors: Any, n_new: int, tok: Any, progress: bool) ->
             return_dict_in_generate=True,
             stopping_criteria=StoppingCriteriaList([ProgressTick(bar)]),
             suppress_tokens=[model.config.image_token_id],
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            pad_token_id=pad_token_id(model, tok),
         )
     seq = out.sequences  # [1, T0 + generated]
     if seq.shape[1] > tensors["input_ids"].shape[1]:
