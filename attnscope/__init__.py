@@ -4,16 +4,28 @@ import attnscope as asc
 lm = asc.load("gemma3-270m")
 trace = asc.analyze(lm, "Question: ...", generate=64)
 asc.analyze_corpus(lm, ["text 1", "text 2"], generate=64, out="runs/corpus")
+
+The names below are imported on first use, so ``import attnscope`` (and the command line's
+start-up) does not import torch or transformers.
 """
 
-from attnscope import kernels, metrics
-from attnscope.analyze import analyze
-from attnscope.corpus import analyze_corpus
-from attnscope.models.loaded import LoadedModel
-from attnscope.models.loader import load
-from attnscope.probes.capture import Capture, capture
-from attnscope.store import RunStore
-from attnscope.trace import Trace
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from attnscope import kernels, metrics
+    from attnscope.analyze import analyze
+    from attnscope.corpus import analyze_corpus
+    from attnscope.kernels.config import StatsConfig
+    from attnscope.models.loaded import LoadedModel
+    from attnscope.models.loader import load
+    from attnscope.probes.capture import Capture, capture
+    from attnscope.store import RunStore
+    from attnscope.trace import Trace
 
 __version__ = "0.1.0"
 
@@ -21,6 +33,7 @@ __all__ = [
     "Capture",
     "LoadedModel",
     "RunStore",
+    "StatsConfig",
     "Trace",
     "analyze",
     "analyze_corpus",
@@ -29,3 +42,43 @@ __all__ = [
     "load",
     "metrics",
 ]
+
+_SUBPACKAGES = ("kernels", "metrics")
+_SOURCES = {  # public name -> the module that defines it
+    "Capture": "attnscope.probes.capture",
+    "LoadedModel": "attnscope.models.loaded",
+    "RunStore": "attnscope.store",
+    "StatsConfig": "attnscope.kernels.config",
+    "Trace": "attnscope.trace",
+    "analyze": "attnscope.analyze",
+    "analyze_corpus": "attnscope.corpus",
+    "capture": "attnscope.probes.capture",
+    "load": "attnscope.models.loader",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_SOURCES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(ModuleType):
+    """Importing the submodule ``attnscope.analyze`` binds it as an attribute of the package;
+    the public function ``analyze`` keeps that name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "analyze" and isinstance(value, ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -6,10 +6,13 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from attnscope.errors import MissingDependencyError
 from attnscope.models import cache
-from attnscope.models.loaded import Kind
+
+if TYPE_CHECKING:
+    from attnscope.models.loaded import Kind
 
 
 @dataclass(frozen=True)

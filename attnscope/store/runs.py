@@ -6,12 +6,16 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
 
 from attnscope.errors import AttnscopeError
-from attnscope.trace import STATS_FILE, TRACE_FILE, Trace
+from attnscope.runfiles import STATS_FILE, TRACE_FILE
+
+if TYPE_CHECKING:
+    from attnscope.trace import Trace
 
 CORPUS_FILE = "corpus.json"  # manifest of a corpus run (attnscope.corpus)
 CORPUS_FORMAT = "attnscope-corpus"
@@ -84,6 +88,8 @@ class RunStore:
         return [info for info in found if info is not None]
 
     def load(self, name: str) -> Trace:
+        from attnscope.trace import Trace  # torch: only when a run is loaded
+
         return Trace.load(self.path_of(name))
 
     def sql(self, query: str) -> pa.Table:

@@ -1,16 +1,20 @@
-"""One ``attnscope vlm`` run: analyse images + a prompt (optionally with an intervention) and write
-the run directory: trace, report.html, overlays.html and overlay PNGs (plus CARVE's images)."""
+"""``attnscope vlm``: analyse images + a prompt (optionally with an intervention) and write the run
+directory: trace, report.html, overlays.html and overlay PNGs (plus CARVE's images)."""
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from PIL import Image
 
-from attnscope.errors import AttnscopeError, RunExistsError
+from attnscope.commands.common import layer_count, parse_layers, refuse_existing
+from attnscope.errors import AttnscopeError
 from attnscope.interventions import VisualBoost, carve
+from attnscope.models import load
 from attnscope.models.loaded import LoadedModel
 from attnscope.report import write_report
 from attnscope.trace import Trace
@@ -19,6 +23,34 @@ from attnscope.vlm.images import ImageSource, load_images
 from attnscope.vlm.report import response_visual_mass, write_overlays
 
 Intervene = Literal["none", "boost", "carve"]
+
+
+def run(args: argparse.Namespace) -> int:
+    layers = parse_layers(args.layers) if args.layers else None
+    out = Path(args.out)
+    refuse_existing(out, args.overwrite)
+    print(f"loading {args.model} ...", file=sys.stderr)
+    lm = load(args.model)
+    result = run_vlm(
+        lm,
+        args.image,
+        args.prompt,
+        out,
+        generate=args.generate,
+        intervene=args.intervene,
+        layers=None if layers is None else layers.span(layer_count(lm)),
+        overwrite=args.overwrite,
+    )
+    trace = result.trace
+    print(f"{len(trace)} tokens {trace.spans}, {len(trace.layers)} layers x {trace.n_heads} heads")
+    for name, value in result.notes.items():
+        print(f"{name}: {value}")
+    print(
+        f"overlays: {result.overlays.resolve()} ({len(result.pngs)} PNGs in "
+        f"{result.path / 'overlays'})"
+    )
+    print(f"report:   {result.report.resolve()}")
+    return 0
 
 
 @dataclass
@@ -43,12 +75,12 @@ def run_vlm(
     overwrite: bool = False,
     progress: bool = True,
 ) -> VlmRun:
-    """Analyse and write the run into ``out``. ``boost``: VisualBoost on decoder ``layers``
-    (default: its own), compared with a plain run; ``carve``: the CARVE mask of the question over
-    ``layers`` (default all), the masked / cropped images and the re-asked answer."""
+    """Analyse and write the run into ``out`` (an existing one is replaced only if ``overwrite``).
+    ``boost``: VisualBoost on decoder ``layers`` (default: its own), compared with a plain run;
+    ``carve``: the CARVE mask of the question over ``layers`` (default all), the masked / cropped
+    images and the re-asked answer."""
     out = Path(out)
-    if out.exists() and not overwrite:  # refuse before the slow part
-        raise RunExistsError(f"run directory {out} already exists; pass --overwrite to replace it")
+    refuse_existing(out, overwrite)
     loaded = load_images(images)
     notes: dict[str, str] = {}
     extra: dict[str, Image.Image] = {}

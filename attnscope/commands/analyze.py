@@ -1,0 +1,109 @@
+"""``attnscope analyze``: one prompt into a run directory, or a JSONL corpus into a corpus run."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from attnscope.commands.common import (
+    Layers,
+    layer_count,
+    parse_keep_qk,
+    parse_layers,
+    refuse_existing,
+    resolve,
+)
+
+
+def run(args: argparse.Namespace) -> int:
+    layers = parse_layers(args.layers) if args.layers else None
+    keep_qk = parse_keep_qk(args.keep_qk)
+    if args.prompts:
+        return _corpus(args, layers, keep_qk)
+    return _single(args, layers, keep_qk)
+
+
+def _single(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | bool) -> int:
+    from attnscope.analyze import analyze
+    from attnscope.models import load
+    from attnscope.report import write_report
+
+    out = Path(args.out)
+    refuse_existing(out, args.overwrite)
+    print(f"loading {args.model} ...", file=sys.stderr)
+    lm = load(args.model)
+    n_layers = layer_count(lm)
+    trace = analyze(
+        lm,
+        args.prompt,
+        generate=args.generate,
+        backend=args.backend,
+        layers=resolve(layers, n_layers),
+        keep_qk=resolve(keep_qk, n_layers),
+    )
+    trace.save(out, overwrite=args.overwrite)
+    report = write_report(trace, out)
+    groups = trace.head_groups()
+    print(
+        f"{len(trace)} tokens ({trace.spans}) x {len(trace.layers)} layers x {trace.n_heads} heads,"
+        f" backend {trace.meta['backend']}, {trace.meta['seconds']:.1f} s"
+    )
+    if trace.meta.get("generated_text"):
+        print(f"generated: {trace.meta['generated_text']!r}")
+    print(
+        f"local heads: {int(groups['local'].sum())}, global heads: {int(groups['global'].sum())}, "
+        f"sink heads: {int(trace.sink_heads().sum())}"
+    )
+    print(f"results: {out / 'stats.parquet'} and {out / 'trace.json'}")
+    print(f"report:  {report.resolve()}")
+    return 0
+
+
+def _corpus(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | bool) -> int:
+    from attnscope.corpus import analyze_corpus, read_prompts
+    from attnscope.corpus_report import write_corpus_report
+    from attnscope.models import load
+    from attnscope.store.runs import sql_string
+
+    out = Path(args.out)
+    prompts = read_prompts(args.prompts)
+    # the model is loaded only once the run directory is known to be new or resumable, unless an
+    # open layer range needs its layer count first
+    lm, n_layers = args.model, None
+    if any(isinstance(c, Layers) and c.open_ended for c in (layers, keep_qk)):
+        print(f"loading {args.model} ...", file=sys.stderr)
+        lm = load(args.model)
+        n_layers = layer_count(lm)
+    summary = analyze_corpus(
+        lm,
+        prompts,
+        generate=args.generate,
+        out=out,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        layers=resolve(layers, n_layers),
+        keep_qk=resolve(keep_qk, n_layers),
+        overwrite=args.overwrite,
+    )
+    resumed = f" ({len(summary.resumed)} from an earlier run)" if summary.resumed else ""
+    print(f"{len(summary.done)} prompts done{resumed}, {len(summary.skipped)} skipped")
+    for pid, error in summary.skipped.items():
+        print(f"  skipped {pid!r}: {error}")
+    sql = (
+        f"SELECT prompt, avg(waad) AS waad FROM stats WHERE run = {sql_string(out.name)} "
+        "GROUP BY prompt ORDER BY prompt"
+    )
+    print(f"results: {out} (corpus.json, one run per prompt in prompts/<id>/)")
+    if summary.done:
+        print(f"report:  {write_corpus_report(out)}")
+    print(f"query:   attnscope query {_shell_quote(str(out.parent))} {_shell_quote(sql)}")
+    return 0
+
+
+def _shell_quote(text: str) -> str:
+    """``text`` as one shell word: in double quotes when that is safe (readable SQL)."""
+    if any(c in text for c in '"$`\\!'):
+        return shlex.quote(text)
+    return f'"{text}"'
