@@ -64,12 +64,14 @@ def write_corpus_report(out: str | Path) -> Path:
     manifest = json.loads((out / CORPUS_FILE).read_text())
     layers, panels = corpus_head_stats(out.parent, out.name)
     span, sink_share = (panels.get(title) for title in (SPAN_PANEL, SINK_PANEL))
-    groups = metrics.head_groups(span) if span is not None else {}
     n_heads = next(iter(panels.values())).shape[1]
-    sinks = sink_share > 0.5 if sink_share is not None else torch.zeros(len(layers), n_heads) > 0
-    labels = [
-        [head_label(groups, sinks, li, h) for h in range(n_heads)] for li in range(len(layers))
-    ]
+    tags = {
+        **(metrics.head_groups(span) if span is not None else {}),
+        "sink": sink_share > 0.5
+        if sink_share is not None
+        else torch.zeros(len(layers), n_heads) > 0,
+    }
+    labels = [[head_label(tags, li, h) for h in range(n_heads)] for li in range(len(layers))]
     figure = layer_head_panels(panels, layers, labels, "Heads over all prompts")
     summary = (
         f"<h1>attnscope corpus run: {html.escape(out.name)}</h1>"
@@ -77,7 +79,8 @@ def write_corpus_report(out: str | Path) -> Path:
         f"{html.escape(json.dumps(manifest.get('parameters')))}.</p>"
         + _prompt_table(out, manifest)
         + "<p>Head maps: means over every token of every stored prompt; hover marks local / "
-        "global heads (bottom / top 30% by head span) and sink heads (a sink in most prompts).</p>"
+        f"global heads (bottom / top {metrics.HEAD_GROUP_FRACTION:.0%} by head span) and sink "
+        "heads (a sink in most prompts).</p>"
     )
     path = out / "report.html"
     write_file_atomically(path, html_page(summary, [figure], f"attnscope corpus {out.name}"))

@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from attnscope import metrics
 from attnscope.atomic import write_file_atomically
 from attnscope.trace import Trace
 
@@ -59,10 +60,9 @@ def token_strip(trace: Trace, names: tuple[str, ...] = STRIP_METRICS) -> go.Figu
 
 def head_maps(trace: Trace) -> go.Figure:
     """Layer x head heatmaps: head span, mean entropy, first-token sink score."""
-    groups, sinks = trace.head_groups(), trace.sink_heads()
+    tags = trace.head_tags()
     labels = [
-        [head_label(groups, sinks, li, h) for h in range(trace.n_heads)]
-        for li in range(len(trace.layers))
+        [head_label(tags, li, h) for h in range(trace.n_heads)] for li in range(len(trace.layers))
     ]
     panels = {
         "head span (mean look-back distance)": trace.head_span(),
@@ -97,12 +97,10 @@ def layer_head_panels(
     return fig
 
 
-def head_label(groups: dict[str, torch.Tensor], sinks: torch.Tensor, layer: int, head: int) -> str:
-    """``local``, ``global`` and/or ``sink`` for layer index ``layer``, or ``-``."""
-    tags = [g for g, m in groups.items() if bool(m[layer, head])]
-    if bool(sinks[layer, head]):
-        tags.append("sink")
-    return ", ".join(tags) or "-"
+def head_label(tags: dict[str, torch.Tensor], layer: int, head: int) -> str:
+    """The tags (bool ``[L, H]`` masks, e.g. ``Trace.head_tags``) of the head at layer index
+    ``layer``, such as ``local, sink``, or ``-``."""
+    return ", ".join(t for t, m in tags.items() if bool(m[layer, head])) or "-"
 
 
 def _span_marks(trace: Trace) -> list[tuple[int, str]]:
@@ -116,7 +114,7 @@ def write_report(trace: Trace, run_dir: Path) -> Path:
         f"<h1>attnscope run: {html.escape(str(trace.meta.get('model', '?')))}</h1>"
         f"<p>{len(trace)} tokens, {len(trace.layers)} layers x {trace.n_heads} heads; "
         f"backend {html.escape(str(trace.meta.get('backend')))}; "
-        f"sink heads (alpha_0 &gt; 0.3): {int(sink.sum())} of {sink.numel()}.</p>"
+        f"sink heads (alpha_0 &gt; {metrics.SINK_EPS}): {int(sink.sum())} of {sink.numel()}.</p>"
         f"<h3>Prompt</h3><pre style='white-space:pre-wrap'>"
         f"{html.escape(str(trace.meta.get('text', '')))}</pre>"
         + (

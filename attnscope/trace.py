@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,19 +13,66 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from attnscope import metrics
 from attnscope.atomic import write_dir_atomically
 from attnscope.errors import AttnscopeError
+from attnscope.runfiles import QK_FILE, STATS_FILE, TRACE_FILE
 
 FORMAT_VERSION = 1
-TRACE_FILE = "trace.json"
-STATS_FILE = "stats.parquet"
-QK_FILE = "qk.safetensors"
 INDEX_COLUMNS = ("layer", "head", "position", "token")
+
+
+class StoredQK(Mapping[int, tuple[Tensor, Tensor]]):
+    """Kept queries and keys of a saved run, ``layer -> (q [Hq, T, D], k [Hkv, Tk, D])``.
+
+    Nothing is read on creation; the layers come from the file's header, and a layer's tensors
+    are read from ``qk.safetensors`` each time it is asked for (no copy is kept in memory).
+    """
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self._layers: tuple[int, ...] | None = None
+
+    @contextmanager
+    def _open(self) -> Iterator[Any]:
+        try:
+            with safe_open(str(self.file), framework="pt") as f:
+                yield f
+        except (OSError, SafetensorError) as err:
+            raise AttnscopeError(f"cannot read kept queries/keys from {self.file}: {err}") from err
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        if self._layers is None:
+            with self._open() as f:
+                names = set(f.keys())  # safe_open is not a mapping
+            layers = sorted(int(n[2:]) for n in names if n[:2] == "q." and n[2:].isdigit())
+            if names != {f"{kind}.{layer}" for layer in layers for kind in "qk"}:
+                raise AttnscopeError(
+                    f"{self.file} is damaged: expected tensors q.<layer> and k.<layer>, "
+                    f"found {sorted(names)}"
+                )
+            self._layers = tuple(layers)
+        return self._layers
+
+    def __getitem__(self, layer: int) -> tuple[Tensor, Tensor]:
+        if layer not in self.layers:
+            raise KeyError(layer)
+        with self._open() as f:
+            return f.get_tensor(f"q.{layer}"), f.get_tensor(f"k.{layer}")
+
+    def __contains__(self, layer: object) -> bool:  # Mapping's default would read the tensors
+        return layer in self.layers
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
 
 
 @dataclass
@@ -37,8 +86,9 @@ class Trace:
     cols: dict[str, Tensor]  # per-key metrics, [n_layers, n_heads, T]
     meta: dict[str, Any] = field(default_factory=dict)
     # layer -> (q [Hq, T, D], k [Hkv, Tk, D]) post-RoPE, kept only when asked (capture(keep_qk=...));
-    # Tk = T, except for cross-attention, whose keys are the encoder positions
-    qk: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
+    # Tk = T, except for cross-attention, whose keys are the encoder positions. Loaded runs read
+    # them from disk on demand (StoredQK).
+    qk: Mapping[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
@@ -71,13 +121,22 @@ class Trace:
             d = d[..., start:end]
         return torch.nanmean(d, dim=-1)
 
-    def head_groups(self, fraction: float = 0.3, span: str | None = None) -> dict[str, Tensor]:
+    def head_groups(
+        self, fraction: float = metrics.HEAD_GROUP_FRACTION, span: str | None = None
+    ) -> dict[str, Tensor]:
         """Local (bottom ``fraction`` by head span) and global (top) heads, bool ``[L, H]``."""
         return metrics.head_groups(self.head_span(span), fraction)
 
     def sink_heads(self, eps: float = metrics.SINK_EPS) -> Tensor:
         """Heads whose first-token sink score exceeds ``eps``, bool ``[L, H]``."""
         return metrics.sink_heads(self.cols["sink_score"][..., 0], eps)
+
+    def head_tags(
+        self, fraction: float = metrics.HEAD_GROUP_FRACTION, eps: float = metrics.SINK_EPS
+    ) -> dict[str, Tensor]:
+        """The tags of heads: "local", "global" (``head_groups``) and "sink" (``sink_heads``),
+        bool ``[L, H]`` each."""
+        return {**self.head_groups(fraction), "sink": self.sink_heads(eps)}
 
     # -- tables and files -------------------------------------------------------------------
     def to_arrow(self) -> pa.Table:
@@ -105,9 +164,11 @@ class Trace:
         """Kept queries ``[Hq, T, D]``, keys ``[Hkv, Tk, D]`` and attention parameters (scale,
         causal, sliding_window, softcap) of one layer."""
         if layer not in self.qk:
+            kept = sorted(self.qk) or "none"
             raise AttnscopeError(
-                f"the trace keeps no queries/keys for layer {layer}: analyse with keep_qk "
-                f"(kept: {sorted(self.qk)})"
+                f"the trace keeps no queries/keys for layer {layer} (kept: {kept}); "
+                f"analyse with keep_qk=[{layer}] (CLI: `attnscope analyze ... --keep-qk {layer}` "
+                "or `--keep-qk all`)"
             )
         q, k = self.qk[layer]
         return q, k, self.meta["qk_attention"][str(layer)]
@@ -143,19 +204,17 @@ class Trace:
 
     @staticmethod
     def load_qk(path: str | Path, layer: int) -> tuple[Tensor, Tensor]:
-        """Queries ``[Hq, T, D]`` and keys ``[Hkv, T, D]`` of one layer of a saved run, read
-        lazily from ``qk.safetensors`` (runs analysed with ``keep_qk``)."""
+        """Queries ``[Hq, T, D]`` and keys ``[Hkv, Tk, D]`` of one layer of a saved run, read
+        from ``qk.safetensors`` (runs analysed with ``keep_qk``) without loading the run."""
         file = Path(path) / QK_FILE
         if not file.is_file():
             raise AttnscopeError(
                 f"{path} holds no queries/keys: analyse with keep_qk=[layers] (CLI: --keep-qk)"
             )
-        with safe_open(str(file), framework="pt") as f:
-            names = f.keys()  # safe_open is not a mapping
-            if f"q.{layer}" not in names:
-                kept = sorted({int(n.split(".")[1]) for n in names})
-                raise AttnscopeError(f"{path} keeps queries/keys of layers {kept}, not {layer}")
-            return f.get_tensor(f"q.{layer}"), f.get_tensor(f"k.{layer}")
+        qk = StoredQK(file)
+        if layer not in qk:
+            raise AttnscopeError(f"{path} keeps queries/keys of layers {list(qk)}, not {layer}")
+        return qk[layer]
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:
@@ -175,6 +234,10 @@ class Trace:
         def tensor(name: str) -> Tensor:
             return torch.from_numpy(table[name].to_numpy().reshape(shape).copy())
 
+        # a run whose header names kept layers but lacks the file fails when they are asked for
+        qk_file = path / QK_FILE
+        kept = qk_file.is_file() or header["meta"].get("qk_attention")
+
         return cls(
             tokens=header["tokens"],
             token_ids=header["token_ids"],
@@ -184,4 +247,5 @@ class Trace:
             rows={m: tensor(m) for m in header["row_metrics"]},
             cols={m: tensor(m) for m in header["col_metrics"]},
             meta=header["meta"],
+            qk=StoredQK(qk_file) if kept else {},
         )

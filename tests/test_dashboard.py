@@ -16,7 +16,7 @@ from attnscope.cli import main
 from attnscope.dashboard import callbacks, create_app, data, figures
 from attnscope.errors import AttnscopeError
 from attnscope.store import RunStore
-from attnscope.trace import Trace
+from attnscope.trace import QK_FILE, StoredQK, Trace
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROME_FLAGS = (
@@ -135,6 +135,7 @@ def test_head_grid_marks_groups_and_head_detail(store):
     fig = figures.head_grid(trace)
     np.testing.assert_allclose(fig.data[0].z, trace.head_span(), rtol=1e-6)
     np.testing.assert_allclose(fig.data[2].z, trace.cols["sink_score"][..., 0], rtol=1e-6)
+    assert "bottom/top 30% by head span, sink = alpha_0 > 0.3" in fig.layout.title.text
     marks = fig.data[3]  # text overlay of the first panel: one point per head in a group
     groups, sink = trace.head_groups(), trace.sink_heads()
     assert len(marks.text) == int((groups["local"] | groups["global"] | sink).sum()) > 0
@@ -168,6 +169,20 @@ def test_heatmap_is_exact_attention_of_the_window(store):
     np.testing.assert_allclose(fig.data[0].z, pooled, atol=1e-6)
     assert list(fig.data[0].x[:2]) == [5, 9] and "4x4 blocks" in fig.layout.title.text
     assert data.clamp_window(40, 100, 5) == (39, 40) and data.clamp_window(40, -3, None) == (0, 40)
+
+
+def test_heatmap_reads_kept_qk_of_the_loaded_run(store):
+    loaded = data.load_run(store, "a")
+    assert isinstance(loaded.qk, StoredQK) and data.qk_layers(loaded) == [1]
+    q, k, attention = loaded.layer_qk(1)
+    assert attention["scale"] == SCALE
+    fig, msg = callbacks.heatmap_view(store, "a", {"layer": 1, "head": 3}, 0, 40)
+    assert msg is None
+    np.testing.assert_allclose(fig.data[0].z, dense_attention(q, k, 3), atol=1e-6, rtol=1e-5)
+    (store.root / "a" / QK_FILE).unlink()
+    data.clear_caches()
+    with pytest.raises(AttnscopeError, match=f"cannot read kept queries/keys from .*{QK_FILE}"):
+        callbacks.heatmap_view(store, "a", {"layer": 1, "head": 3}, 0, 40)
 
 
 def test_heatmap_pooling_bounds_the_matrix_and_samples_rows_beyond_budget(tmp_path):

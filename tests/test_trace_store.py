@@ -1,14 +1,24 @@
-"""Trace save/load round trip, atomic writes, RunStore SQL and its confinement."""
+"""Trace save/load round trip (kept q/k read lazily), head tags, atomic writes, RunStore SQL and its
+confinement."""
 
 import json
 import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
+import attnscope as asc
+from attnscope import metrics
 from attnscope.errors import AttnscopeError, RunExistsError
 from attnscope.store import RunStore
-from attnscope.trace import Trace
+from attnscope.trace import QK_FILE, Trace
 
 
 def make_trace(n_layers=2, n_heads=3, n=7, seed=0) -> Trace:
@@ -163,3 +173,121 @@ def test_layer_qk_names_the_kept_layers():
     assert got_q is q and got_k is k and attention == {"scale": 0.5, "causal": True}
     with pytest.raises(AttnscopeError, match=r"no queries/keys for layer 0.*kept: \[1\]"):
         trace.layer_qk(0)
+
+
+def test_head_tags_are_head_groups_and_sink_heads():
+    trace = make_trace(n_layers=4, n_heads=5)
+    tags = trace.head_tags()
+    assert list(tags) == ["local", "global", "sink"]
+    groups = trace.head_groups(metrics.HEAD_GROUP_FRACTION)
+    assert torch.equal(tags["local"], groups["local"]) and tags["local"].sum() == 6  # 30% of 20
+    assert torch.equal(tags["global"], groups["global"])
+    assert torch.equal(tags["sink"], trace.sink_heads(metrics.SINK_EPS))
+    assert torch.equal(tags["sink"], trace.cols["sink_score"][..., 0] > metrics.SINK_EPS)
+    tags = trace.head_tags(fraction=0.5, eps=0.9)
+    assert tags["local"].sum() == 10 and torch.equal(tags["sink"], trace.sink_heads(0.9))
+
+
+# -- kept queries and keys, saved and read back lazily -------------------------------------------
+@pytest.fixture(scope="module")
+def qk_run(tmp_path_factory) -> tuple[Trace, Path]:
+    """A 3-layer tiny Llama (4 query / 2 KV heads) keeping q/k of layers 0 and 2, and its run."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad(), asc.capture(model, keep_qk=[0, 2]) as cap:
+        model(torch.randint(0, 64, (1, 12)))
+    path = tmp_path_factory.mktemp("runs") / "qk"
+    cap.trace.save(path)
+    return cap.trace, path
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list[str]:
+    """Records "open" for each opening of a safetensors file by Trace, and each tensor read."""
+    log: list[str] = []
+
+    class Spy:
+        def __init__(self, f):
+            self.f = f
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, name):
+            log.append(name)
+            return self.f.get_tensor(name)
+
+    @contextmanager
+    def spy_open(file, framework):
+        log.append("open")
+        with safe_open(file, framework=framework) as f:
+            yield Spy(f)
+
+    monkeypatch.setattr("attnscope.trace.safe_open", spy_open)
+    return log
+
+
+def test_loaded_run_gives_kept_qk_lazily(qk_run, reads):
+    trace, path = qk_run
+    assert sorted(trace.qk) == [0, 2] and trace.qk[0][0].shape == (4, 12, 8)
+    back = Trace.load(path)
+    assert reads == []  # loading reads no q/k
+    assert sorted(back.qk) == [0, 2] and 2 in back.qk and 1 not in back.qk and len(back.qk) == 2
+    assert reads == ["open"]  # the header only
+    q, k, attention = back.layer_qk(2)
+    assert reads[1:] == ["open", "q.2", "k.2"]  # one layer, the header is not read again
+    want_q, want_k, want_attention = trace.layer_qk(2)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k) and attention == want_attention
+    assert k.shape == (2, 12, 8)
+    q, k, _ = back.layer_qk(0)
+    assert torch.equal(q, trace.qk[0][0]) and torch.equal(k, trace.qk[0][1])
+    with pytest.raises(AttnscopeError, match=r"layer 1 \(kept: \[0, 2\]\).*--keep-qk 1"):
+        back.layer_qk(1)
+    q, k = Trace.load_qk(path, 2)
+    assert torch.equal(q, trace.qk[2][0]) and torch.equal(k, trace.qk[2][1])
+    with pytest.raises(AttnscopeError, match=r"layers \[0, 2\], not 1"):
+        Trace.load_qk(path, 1)
+
+
+def test_loaded_run_with_qk_saves_again(qk_run, tmp_path):
+    trace, path = qk_run
+    back = Trace.load(path)
+    back.save(tmp_path / "again")
+    again = Trace.load(tmp_path / "again")
+    assert again.tokens == trace.tokens and again.meta == back.meta  # JSON: tuples become lists
+    for table in ("rows", "cols"):
+        for name, values in getattr(trace, table).items():
+            torch.testing.assert_close(getattr(again, table)[name], values, equal_nan=True)
+    assert sorted(again.qk) == [0, 2]
+    for layer, (q, k) in trace.qk.items():
+        assert all(torch.equal(a, b) for a, b in zip(again.qk[layer], (q, k), strict=True))
+    make_trace().save(tmp_path / "plain")
+    assert Trace.load(tmp_path / "plain").qk == {}  # nothing kept, no file expected
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "foreign"])
+def test_missing_or_damaged_qk_file_is_named(qk_run, tmp_path, damage):
+    _, path = qk_run
+    shutil.copytree(path, tmp_path / "run")
+    file = tmp_path / "run" / QK_FILE
+    if damage == "missing":
+        file.unlink()
+    elif damage == "truncated":
+        file.write_bytes(file.read_bytes()[:200])
+    else:
+        save_file({"q.0": torch.zeros(1)}, file)  # no keys
+    back = Trace.load(tmp_path / "run")  # the file is read only when q/k are asked for
+    with pytest.raises(AttnscopeError, match=re.escape(str(file))) as err:
+        back.layer_qk(0)
+    assert ("is damaged" if damage == "foreign" else "cannot read kept queries/keys") in str(
+        err.value
+    )

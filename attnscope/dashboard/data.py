@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,8 +59,9 @@ def load_run(store: RunStore, name: str) -> Trace:
     return _read_trace(path, _stamp(path))
 
 
-def load_qk(store: RunStore, name: str, layer: int) -> tuple[Tensor, Tensor]:
-    """Stored queries ``[Hq, T, D]`` and keys ``[Hkv, T, D]`` of one layer, cached."""
+def load_qk(store: RunStore, name: str, layer: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """``Trace.layer_qk`` of the run ``name``: stored queries ``[Hq, T, D]``, keys
+    ``[Hkv, Tk, D]`` and attention parameters of one layer, cached."""
     path = store.path_of(name)
     return _read_qk(path, _stamp(path), layer)
 
@@ -74,8 +76,8 @@ def _read_trace(path: Path, stamp: int) -> Trace:
 
 
 @lru_cache(maxsize=2)
-def _read_qk(path: Path, stamp: int, layer: int) -> tuple[Tensor, Tensor]:
-    return Trace.load_qk(path, layer)
+def _read_qk(path: Path, stamp: int, layer: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    return _read_trace(path, stamp).layer_qk(layer)
 
 
 def clear_caches() -> None:
@@ -144,10 +146,10 @@ def check_position(trace: Trace, position: int) -> None:
 
 # -- per-head values ---------------------------------------------------------------------------
 def head_tags(trace: Trace) -> list[list[tuple[str, ...]]]:
-    """``[L][H]`` groups of each head: "local", "global" (by head span), "sink" (alpha_0 > 0.3)."""
-    groups = {**trace.head_groups(), "sink": trace.sink_heads()}
+    """``[L][H]`` tags of each head (``Trace.head_tags``): "local", "global", "sink"."""
+    tags = trace.head_tags()
     return [
-        [tuple(g for g, m in groups.items() if bool(m[li, h])) for h in range(trace.n_heads)]
+        [tuple(t for t, m in tags.items() if bool(m[li, h])) for h in range(trace.n_heads)]
         for li in range(len(trace.layers))
     ]
 
@@ -166,7 +168,7 @@ def head_stats(trace: Trace, layer: int, head: int) -> dict[str, float]:
 
 def qk_layers(trace: Trace) -> list[int]:
     """Layers whose queries and keys the run kept (for heatmaps)."""
-    return sorted(int(k) for k in trace.meta.get("qk_attention", {}))
+    return sorted(trace.qk)
 
 
 # -- attention heatmaps --------------------------------------------------------------------------
@@ -211,16 +213,7 @@ def attention_window(
     averages evenly spaced query rows (over all of its keys), so any window of any run costs
     about ``budget`` scores.
     """
-    trace = load_run(store, name)
-    kept = qk_layers(trace)
-    if layer not in kept:
-        raise AttnscopeError(
-            f"run {name!r} kept no queries/keys for layer {layer} (kept: {kept or 'none'}); "
-            f"analyse with `attnscope analyze ... --keep-qk {layer}` (or `--keep-qk all`) "
-            "to see its attention heatmap"
-        )
-    params = trace.meta["qk_attention"][str(layer)]
-    q, k = load_qk(store, name, layer)
+    q, k, params = load_qk(store, name, layer)
     if not 0 <= head < q.shape[0]:
         raise AttnscopeError(f"head {head} outside 0..{q.shape[0] - 1}")
     start, end = clamp_window(q.shape[1], start, size)

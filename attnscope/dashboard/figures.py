@@ -8,6 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from attnscope import metrics
 from attnscope.dashboard.data import (
     ALL_LAYERS,
     Window,
@@ -141,7 +142,8 @@ def head_grid(trace: Trace) -> go.Figure:
         )
     _colorbars_beside(fig)
     fig.update_layout(
-        title="Heads: loc/glob = bottom/top 30% by head span, sink = alpha_0 > 0.3 (click a head)",
+        title=f"Heads: loc/glob = bottom/top {metrics.HEAD_GROUP_FRACTION:.0%} by head span, "
+        f"sink = alpha_0 > {metrics.SINK_EPS} (click a head)",
         height=_grid_height(trace),
         margin=MARGIN,
     )

@@ -2,6 +2,7 @@
 
 from attnscope.metrics.dense import (
     FAI_HORIZON,
+    HEAD_GROUP_FRACTION,
     SINK_EPS,
     WAAD_WINDOW,
     entropy,
@@ -20,6 +21,7 @@ from attnscope.metrics.dense import (
 
 __all__ = [
     "FAI_HORIZON",
+    "HEAD_GROUP_FRACTION",
     "SINK_EPS",
     "WAAD_WINDOW",
     "entropy",
