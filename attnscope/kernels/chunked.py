@@ -1,7 +1,8 @@
 """Chunked backend: exact statistics over blocks of query rows, never the whole L x L matrix.
 
 Memory O(B Hq block Tk). For causal and sliding-window attention each block only scores the keys
-it can see, so the work is about half of the dense computation.
+it can see, so the work is about half of the dense computation. Computes and returns statistics in
+``req.compute_dtype`` (float32, float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ BLOCK_ELEMENTS = (
 def chunked_stats(req: StatsRequest, block_elements: int = BLOCK_ELEMENTS) -> AttentionStats:
     b, hq, tq, _ = req.q.shape
     tk = req.k.shape[2]
-    dev = req.q.device
+    dev, dtype = req.q.device, req.compute_dtype
     block = max(1, min(tq, block_elements // max(1, b * hq * tk)))
     monotone = bool((req.k_pos[:, 1:] >= req.k_pos[:, :-1]).all()) if tk > 1 else True
 
-    rows = {m: torch.empty(b, hq, tq, device=dev) for m in req.row_metrics}
-    lse = torch.empty(b, hq, tq, device=dev)
-    sums = {m: torch.zeros(b, hq, tk, device=dev) for m in req.col_metrics}
+    rows = {m: torch.empty(b, hq, tq, device=dev, dtype=dtype) for m in req.row_metrics}
+    lse = torch.empty(b, hq, tq, device=dev, dtype=dtype)
+    sums = {m: torch.zeros(b, hq, tk, device=dev, dtype=dtype) for m in req.col_metrics}
     counts = {m: torch.zeros(b, 1, tk, device=dev) for m in ("fai", "sink_score") if req.wants(m)}
-    if req.wants("sink_score") and req.mask is not None and req.mask.shape[1] > 1:
-        counts["sink_score"] = torch.zeros(b, hq, tk, device=dev)
+    if req.mask is not None and req.mask.shape[1] > 1:  # a row may be fully masked in one head
+        counts = {m: torch.zeros(b, hq, tk, device=dev) for m in counts}
 
     for r0 in range(0, tq, block):
         rs = slice(r0, min(tq, r0 + block))
@@ -69,11 +70,10 @@ def _block(
     lse = torch.logsumexp(s, -1, keepdim=True)  # [B, Hq, r, 1]
     valid = torch.isfinite(lse)  # [B, Hq, r, 1]
     p = torch.exp(s - torch.where(valid, lse, 0.0))  # masked keys -> 0; [B, Hq, r, k]
-    nan = torch.tensor(float("nan"), device=s.device)
+    nan = torch.tensor(float("nan"), device=s.device, dtype=s.dtype)
     lse_out[:, :, rs] = lse[..., 0]
-    qp = req.q_pos[:, None, rs, None].float()  # [B, 1, r, 1]
     kp = req.k_pos[:, None, None, ks]  # [B, 1, 1, k]
-    dist = qp - kp.float()  # [B, 1, r, k]
+    dist = (req.q_pos[:, None, rs, None] - kp).to(s.dtype)  # [B, 1, r, k]
 
     def weighted(weight: Tensor) -> Tensor:
         return torch.where(valid[..., 0], (p * weight).sum(-1), nan)
@@ -86,28 +86,31 @@ def _block(
         elif name == "waad":
             out[:, :, rs] = weighted(dist.clamp(0, req.window))
         elif name == "sink_mass":
-            out[:, :, rs] = weighted(((kp >= 0) & (kp < req.sink_tokens)).float())
+            out[:, :, rs] = weighted(((kp >= 0) & (kp < req.sink_tokens)).to(s.dtype))
         elif name == "max_attention":
             out[:, :, rs] = torch.where(valid[..., 0], p.amax(-1), nan)
         else:
             start, end = req.spans[name.removeprefix(SPAN_PREFIX)]
-            out[:, :, rs] = weighted(((kp >= start) & (kp < end)).float())
+            out[:, :, rs] = weighted(((kp >= start) & (kp < end)).to(s.dtype))
 
     if not sums:
         return
     col_p = torch.where(valid, p, 0.0)  # fully masked rows give nothing to any column
+    # row validity per head only where the mask differs between heads
+    row_valid = valid if allowed.shape[1] > 1 else valid[:, :1]  # [B, 1|Hq, r, 1]
     if "received" in sums or "sink_score" in sums:
         got = col_p.sum(-2)  # [B, Hq, k]
         for name in ("received", "sink_score"):
             if name in sums:
                 sums[name][:, :, ks] += got
     if "sink_score" in counts:
-        visible = allowed & (valid[:, :1] if allowed.shape[1] == 1 else valid)  # [B, 1|Hq, r, k]
+        visible = allowed & row_valid  # [B, 1|Hq, r, k]
         counts["sink_score"][:, :, ks] += visible.sum(-2).float()
     if "fai" in sums:
-        row_ok = analysed_rows(valid[:, :1], req.q_pos[:, None, rs, None], req.fai_rows)
-        sel = fai_selection(dist, req.fai_horizon) & row_ok  # [B, 1, r, k]
+        row_ok = analysed_rows(row_valid, req.q_pos[:, None, rs, None], req.fai_rows)
+        sel = fai_selection(dist, req.fai_horizon) & row_ok  # [B, 1|Hq, r, k]
         sums["fai"][:, :, ks] += (col_p * sel).sum(-2)
         # the count depends on positions only: keys the block cannot see still count its rows
         all_dist = req.q_pos[:, None, rs, None] - req.k_pos[:, None, None, :]  # [B, 1, r, Tk]
-        counts["fai"] += (fai_selection(all_dist, req.fai_horizon) & row_ok).sum(-2).float()
+        counted = fai_selection(all_dist, req.fai_horizon) & row_ok  # [B, 1|Hq, r, Tk]
+        counts["fai"] += counted.sum(-2).float()

@@ -1,6 +1,7 @@
 """Dense backend: materialise the attention probabilities and call the reference metrics.
 
-Memory O(B Hq Tq Tk): for small inputs and as the oracle of the other backends.
+Memory O(B Hq Tq Tk): for small inputs and as the oracle of the other backends. Computes in
+``req.compute_dtype`` (float32, float64 for float64 inputs); checked against tests/independent.py.
 """
 
 from __future__ import annotations

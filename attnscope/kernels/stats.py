@@ -14,12 +14,13 @@ class AttentionStats:
 
     Column statistics are kept as sums and counts so that calls over successive query rows (the
     steps of ``generate()``) can be added up before dividing; ``cols`` gives the final values.
+    Values are float32, or float64 for float64 inputs (the request's ``compute_dtype``).
     """
 
-    rows: dict[str, Tensor]  # name -> [B, Hq, Tq] float32
-    col_sums: dict[str, Tensor]  # name -> [B, Hq, Tk] float32
+    rows: dict[str, Tensor]  # name -> [B, Hq, Tq]
+    col_sums: dict[str, Tensor]  # name -> [B, Hq, Tk]
     col_counts: dict[str, Tensor]  # name -> [B, 1|Hq, Tk] float32 (rows that count for the key)
-    lse: Tensor  # [B, Hq, Tq] float32, natural log; -inf for fully masked rows
+    lse: Tensor  # [B, Hq, Tq] natural log; -inf for fully masked rows
     backend: str
     reason: str = ""  # why this backend ran (set by attention_stats)
 

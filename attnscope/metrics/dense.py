@@ -3,7 +3,8 @@
 All functions take ``attn`` of shape ``[..., Tq, Tk]`` (rows sum to 1 over visible keys, masked keys
 are exactly 0, fully masked rows are NaN) and optional absolute positions:
 ``q_pos`` ``[..., Tq]`` and ``k_pos`` ``[..., Tk]`` (default: keys 0..Tk-1, queries aligned to the end
-of the keys, as in a causal prefill). Distances are ``q_pos - k_pos``. Outputs are float32.
+of the keys, as in a causal prefill). Distances are ``q_pos - k_pos``. Outputs keep the input's
+precision: float64 in, float64 out; half precision and float32 give float32.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from torch import Tensor
 
 WAAD_WINDOW = 10
 FAI_HORIZON = (10, 100)
-SINK_EPS = 0.3
+SINK_EPS = 0.3  # a head is a sink head when its first token's sink score exceeds this
+HEAD_GROUP_FRACTION = 0.3  # bottom / top share of heads by head span: local / global heads
 
 
 def positions(attn: Tensor, q_pos: Tensor | None, k_pos: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -26,21 +28,27 @@ def positions(attn: Tensor, q_pos: Tensor | None, k_pos: Tensor | None) -> tuple
     return q_pos.long(), k_pos.long()
 
 
+def _real(attn: Tensor) -> Tensor:
+    """``attn`` in the precision the metrics compute in: at least float32, float64 kept."""
+    return attn.to(torch.promote_types(attn.dtype, torch.float32))
+
+
 def _distance(attn: Tensor, q_pos: Tensor | None, k_pos: Tensor | None) -> Tensor:
     q, k = positions(attn, q_pos, k_pos)
-    return (q[..., :, None] - k[..., None, :]).float()  # [..., Tq, Tk]
+    dtype = torch.promote_types(attn.dtype, torch.float32)
+    return (q[..., :, None] - k[..., None, :]).to(dtype)  # [..., Tq, Tk]
 
 
 def entropy(attn: Tensor) -> Tensor:
     """Shannon entropy of each query row (natural log, 0 log 0 = 0). ``[..., Tq]``."""
-    a = attn.float()
-    plogp = torch.where(a > 0, a * torch.log(a.clamp_min(1e-45)), torch.zeros_like(a))
+    a = _real(attn)
+    plogp = torch.where(a > 0, a * torch.log(torch.where(a > 0, a, 1.0)), 0.0)
     return torch.where(_valid_rows(a), -plogp.sum(-1), float("nan"))
 
 
 def mean_distance(attn: Tensor, q_pos: Tensor | None = None, k_pos: Tensor | None = None) -> Tensor:
     """Expected look-back distance ``sum_s A[t,s] (t - s)``. ``[..., Tq]``."""
-    return (attn.float() * _distance(attn, q_pos, k_pos)).sum(-1)
+    return (_real(attn) * _distance(attn, q_pos, k_pos)).sum(-1)
 
 
 def waad(
@@ -53,24 +61,26 @@ def waad(
     if window < 1:
         raise ValueError(f"waad window must be >= 1, got {window}")
     dist = _distance(attn, q_pos, k_pos).clamp(min=0, max=window)
-    return (attn.float() * dist).sum(-1)
+    return (_real(attn) * dist).sum(-1)
 
 
 def max_attention(attn: Tensor) -> Tensor:
     """Largest probability of each row. ``[..., Tq]``."""
-    return attn.float().amax(-1)
+    return _real(attn).amax(-1)
 
 
 def sink_mass(attn: Tensor, k: int = 1, k_pos: Tensor | None = None) -> Tensor:
     """Attention mass on the first ``k`` tokens (positions < k). ``[..., Tq]``."""
     _, kp = positions(attn, None, k_pos)
-    return (attn.float() * ((kp >= 0) & (kp < k)).float()[..., None, :]).sum(-1)
+    a = _real(attn)
+    return (a * ((kp >= 0) & (kp < k)).to(a.dtype)[..., None, :]).sum(-1)
 
 
 def span_mass(attn: Tensor, start: int, end: int, k_pos: Tensor | None = None) -> Tensor:
     """Attention mass on key positions in ``[start, end)``. ``[..., Tq]``."""
     _, kp = positions(attn, None, k_pos)
-    return (attn.float() * ((kp >= start) & (kp < end)).float()[..., None, :]).sum(-1)
+    a = _real(attn)
+    return (a * ((kp >= start) & (kp < end)).to(a.dtype)[..., None, :]).sum(-1)
 
 
 def _valid_rows(attn: Tensor) -> Tensor:
@@ -100,7 +110,7 @@ def analysed_rows(valid: Tensor, q_pos: Tensor, rows: tuple[int, int] | None) ->
 
 def received(attn: Tensor) -> Tensor:
     """Total attention each key receives from valid rows. ``[..., Tk]``."""
-    return torch.nan_to_num(attn.float()).sum(-2)
+    return torch.nan_to_num(_real(attn)).sum(-2)
 
 
 def fai(
@@ -118,8 +128,8 @@ def fai(
     q, k = positions(attn, q_pos, k_pos)
     sel = fai_selection(q[..., :, None] - k[..., None, :], horizon)  # [..., Tq, Tk]
     sel = sel & analysed_rows(_valid_rows(attn), q, rows)[..., :, None]
-    total = (torch.nan_to_num(attn.float()) * sel).sum(-2)
-    count = sel.sum(-2).float()
+    total = (torch.nan_to_num(_real(attn)) * sel).sum(-2)
+    count = sel.sum(-2).to(total.dtype)
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
 
 
@@ -138,8 +148,8 @@ def sink_score(
         q, k = positions(attn, q_pos, k_pos)
         mask = q[..., :, None] >= k[..., None, :]
     visible = mask & _valid_rows(attn)[..., :, None]
-    count = visible.sum(-2).float()
-    total = (torch.nan_to_num(attn.float()) * visible).sum(-2)
+    total = (torch.nan_to_num(_real(attn)) * visible).sum(-2)
+    count = visible.sum(-2).to(total.dtype)
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
 
 
@@ -156,7 +166,7 @@ def head_span(
     return (torch.where(ok, d, 0.0).sum(-1)) / ok.sum(-1).clamp_min(1)
 
 
-def head_groups(span: Tensor, fraction: float = 0.3) -> dict[str, Tensor]:
+def head_groups(span: Tensor, fraction: float = HEAD_GROUP_FRACTION) -> dict[str, Tensor]:
     """Split heads by head span: bottom ``fraction`` local, top ``fraction`` global.
 
     ``span``: ``[n_layers, n_heads]``. Returns bool masks of the same shape under "local" / "global".
