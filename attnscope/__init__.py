@@ -11,10 +11,11 @@ start-up) does not import torch or transformers.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+from attnscope.lazy import lazy_names
 
 if TYPE_CHECKING:
     from attnscope import kernels, metrics
@@ -43,8 +44,7 @@ __all__ = [
     "metrics",
 ]
 
-_SUBPACKAGES = ("kernels", "metrics")
-_SOURCES = {  # public name -> the module that defines it
+_SOURCES: dict[str, str | None] = {  # public name -> its module (None: the submodule itself)
     "Capture": "attnscope.probes.capture",
     "LoadedModel": "attnscope.models.loaded",
     "RunStore": "attnscope.store",
@@ -53,22 +53,11 @@ _SOURCES = {  # public name -> the module that defines it
     "analyze": "attnscope.analyze",
     "analyze_corpus": "attnscope.corpus",
     "capture": "attnscope.probes.capture",
+    "kernels": None,
     "load": "attnscope.models.loader",
+    "metrics": None,
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name in _SUBPACKAGES:
-        return importlib.import_module(f"{__name__}.{name}")
-    if name not in _SOURCES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_SOURCES[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(__name__, _SOURCES, __all__)
 
 
 class _Package(ModuleType):

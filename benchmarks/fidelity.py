@@ -3,7 +3,7 @@ finding | published figure | attnscope on the packaged model | how measured.
 
 Inputs are written by the project (attnscope/findings/texts.py and data/english.txt; speech by
 espeak-ng). Gemma-3-270M: attention sinks, the preplan-and-anchor rhythm, local vs global heads;
-Whisper tiny.en: cross-attention vs saliency. Figures go to --figures as HTML (and PNG when
+Whisper tiny.en: cross-attention vs saliency. Figures go to --figures as one HTML page (and PNGs when
 kaleido is installed). Not a timing benchmark: one pass, wall times reported for scale.
 
     python benchmarks/fidelity.py [--sink-texts 32] [--problems 32] [--new-tokens 64]
@@ -43,14 +43,24 @@ SECTION = "Reproductions of published attention findings (CPU)"
 
 
 def save_figures(figures: dict, directory: Path) -> list[Path]:
-    """Each plotly figure as ``NAME.html`` (plotly.js from its CDN) and, with kaleido, ``NAME.png``."""
+    """Every plotly figure on one page ``fidelity.html`` (plotly.js from its CDN, once) and, with
+    kaleido, each as ``NAME.png``."""
     directory.mkdir(parents=True, exist_ok=True)
-    png = importlib.util.find_spec("kaleido") is not None
-    written = []
-    for name, fig in figures.items():
-        fig.write_html(directory / f"{name}.html", include_plotlyjs="cdn")
-        written.append(directory / f"{name}.html")
-        if png:
+    sections = [
+        f"<h2>{name.removeprefix('fidelity_').replace('_', ' ')}</h2>\n"
+        + fig.to_html(full_html=False, include_plotlyjs="cdn" if i == 0 else False)
+        for i, (name, fig) in enumerate(figures.items())
+    ]
+    page = directory / "fidelity.html"
+    page.write_text(
+        '<!doctype html>\n<html><head><meta charset="utf-8"><title>attnscope: reproductions of '
+        "published attention findings</title></head><body>\n"
+        + "\n".join(sections)
+        + "\n</body></html>\n"
+    )
+    written = [page]
+    if importlib.util.find_spec("kaleido") is not None:
+        for name, fig in figures.items():
             fig.write_image(directory / f"{name}.png", width=1000, height=550)
             written.append(directory / f"{name}.png")
     return written

@@ -13,6 +13,7 @@ LAYERS = {
     "errors": 0,
     "atomic": 0,
     "runfiles": 0,
+    "lazy": 0,
     "models": 0,
     "metrics": 0,
     "kernels": 1,

@@ -20,41 +20,19 @@ from attnscope.kernels.table import COL_METRICS, METRICS, ROW_METRICS
 
 
 def attention_stats(
-    q: Tensor,
-    k: Tensor,
-    config: StatsConfig | None = None,
-    *,
-    causal: bool = True,
-    scale: float | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    mask: Tensor | None = None,
-    q_pos: Tensor | None = None,
-    k_pos: Tensor | None = None,
-    **shortcuts: Any,
+    q: Tensor, k: Tensor, config: StatsConfig | None = None, **kwargs: Any
 ) -> AttentionStats:
     """Row and column attention statistics of ``softmax(q k^T * scale)`` without keeping it.
 
     q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]`` (post-RoPE, ``Hq % Hkv == 0``). ``config`` says
-    what to compute (``StatsConfig``; keyword ``shortcuts`` such as ``window=10``,
-    ``metrics=("entropy",)`` or ``backend="chunked"`` override its fields). ``mask`` is key padding
-    ``[B, Tk]`` or a full mask ``[B, 1|Hq, Tq, Tk]`` (True = attend; a float mask is additive),
-    combined with ``causal`` and ``sliding_window``. Positions default to keys ``0..Tk-1`` (real
-    tokens only when a padding mask is given) with queries aligned to the end.
+    what to compute (``StatsConfig``); keyword arguments describe the attention call and may
+    override config fields (``build_request``): ``causal=True``, ``scale=None`` (1/sqrt(D)),
+    ``sliding_window``, ``softcap``, ``mask`` (key padding ``[B, Tk]`` or a full mask
+    ``[B, 1|Hq, Tq, Tk]``, True = attend; a float mask is additive), ``q_pos`` / ``k_pos``
+    (default: keys ``0..Tk-1``, real tokens only under a padding mask, queries aligned to the
+    end), and shortcuts such as ``window=10``, ``metrics=("entropy",)`` or ``backend="chunked"``.
     """
-    req = build_request(
-        q,
-        k,
-        config,
-        causal=causal,
-        scale=scale,
-        sliding_window=sliding_window,
-        softcap=softcap,
-        mask=mask,
-        q_pos=q_pos,
-        k_pos=k_pos,
-        **shortcuts,
-    )
+    req = build_request(q, k, config, **kwargs)
     backend, reason = choose(req, req.config.backend)
     stats = backend.run(req)
     stats.reason = reason

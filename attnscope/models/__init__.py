@@ -5,8 +5,9 @@ The names are imported on first use: the alias table (``attnscope models``) need
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from attnscope.lazy import lazy_names
 
 if TYPE_CHECKING:
     from attnscope.models.loaded import LoadedModel
@@ -23,13 +24,4 @@ _SOURCES = {  # public name -> the module that defines it
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _SOURCES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_SOURCES[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(__name__, _SOURCES, __all__)
