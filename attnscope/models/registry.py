@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,13 @@ class Alias:
     def cache_key(self) -> str:
         return f"{self.name}-v{self.version}"
 
-    def is_cached(self) -> bool:
-        return self.packaged_dir is not None or cache.is_cached(self.cache_key)
+    def cache_state(self) -> cache.EntryState:
+        """``complete`` (ready), ``missing`` (built on first use; for packaged weights: the package
+        is not installed) or ``damaged`` (rebuilt on the next use)."""
+        if self.packaged_dir is not None:
+            installed = importlib.util.find_spec(self.packaged_dir.split(":")[0]) is not None
+            return "complete" if installed else "missing"
+        return cache.entry_state(self.cache_key)
 
     def locate(self) -> Path:
         """The HF directory of this alias, built into the cache on first use."""

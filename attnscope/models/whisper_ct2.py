@@ -337,7 +337,12 @@ def convert_ct2_whisper(ct2_dir: Path, dst: Path, tokenizer_file: Path | None = 
     if spec != "WhisperSpec":
         raise AttnscopeError(f"{model_file} holds a {spec}, not a WhisperSpec")
     config_file = ct2_dir / "config.json"
-    ct2_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    try:
+        ct2_config = json.loads(config_file.read_bytes()) if config_file.is_file() else {}
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise AttnscopeError(
+            f"{config_file} is not valid JSON ({err}): reinstall or re-convert the model"
+        ) from err
 
     v = _Variables(variables, model_file)
     shapes = _whisper_shapes(v)

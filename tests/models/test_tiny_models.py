@@ -161,8 +161,9 @@ def test_incomplete_cache_entry_is_rebuilt(tiny_cache: Path) -> None:
     entry = tiny_cache / alias.cache_key
     entry.mkdir(parents=True)
     (entry / "config.json").write_text("{ half-written")
-    assert not cache.is_cached(alias.cache_key)
-    loaded = load("tiny-gpt2")
+    assert cache.entry_state(alias.cache_key) == "damaged"
+    with pytest.warns(UserWarning, match=r"damaged \(it has no \.complete manifest"):
+        loaded = load("tiny-gpt2")
     assert loaded.kind == "causal-lm"
-    assert (entry / cache.MARKER).is_file()
+    assert cache.entry_state(alias.cache_key) == "complete"
     assert AutoConfig.from_pretrained(entry).model_type == "gpt2"
