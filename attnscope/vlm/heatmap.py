@@ -1,9 +1,10 @@
 """Where a token looks in the image: attention on the image tokens as patch-grid heatmaps, and
-overlays on the original image (PNG through PIL, interactive through plotly)."""
+overlays on the image, scaled down to a bounded size (PNG through PIL, interactive through
+plotly)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import plotly.colors
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from attnscope.kernels.tiles import attention_tile
 from attnscope.trace import Trace
+from attnscope.vlm.images import OVERLAY_SIDE, data_uri, fit_size, resized
 from attnscope.vlm.layout import ImageLayout, ImageSpan
 
 COLORSCALE = "Viridis"
@@ -90,46 +92,75 @@ def overlay(
     span: ImageSpan,
     alpha: float = 0.6,
     colorscale: str = COLORSCALE,
+    max_side: int = OVERLAY_SIDE,
 ) -> Image.Image:
     """The heatmap ``grid`` ``[rows, cols]`` (min-max scaled), bilinearly upsampled onto the region
     of the image that the model saw; the rest of the image (cropped away by the processor) is
-    dimmed. Returns an RGB image of the original size."""
-    left, top, right, bottom = (round(v) for v in span.box)
-    size = (max(1, right - left), max(1, bottom - top))
+    dimmed. Returns an RGB image of the original's aspect, at most ``max_side`` px per side
+    (``image``: the original or a copy already scaled down to that bound)."""
+    size = fit_size(span.size, max_side)
+    sx, sy = size[0] / span.size[0], size[1] / span.size[1]
+    left, top, right, bottom = (
+        round(v * s) for v, s in zip(span.box, (sx, sy, sx, sy), strict=True)
+    )
+    region_size = (max(1, right - left), max(1, bottom - top))
     heat = Image.fromarray(_normalised(grid).astype(np.float32)).resize(
-        size, Image.Resampling.BILINEAR
+        region_size, Image.Resampling.BILINEAR
     )
     colored = Image.fromarray(_colormap(np.asarray(heat), colorscale))
-    base = image.convert("RGB")
+    base = resized(image, size)
     out = Image.eval(base, lambda v: v // 2)  # dim what the model did not see
-    region = base.crop((left, top, left + size[0], top + size[1]))
+    region = base.crop((left, top, left + region_size[0], top + region_size[1]))
     out.paste(Image.blend(region, colored, alpha), (left, top))
     return out
 
 
 def overlay_figure(
     image: Image.Image,
-    grid: Tensor,
+    grids: Tensor | Mapping[str, Tensor],
     span: ImageSpan,
     title: str = "",
     colorscale: str = COLORSCALE,
+    max_side: int = OVERLAY_SIDE,
 ) -> go.Figure:
-    """Interactive overlay: the image with the patch-grid heatmap on the region the model saw."""
+    """Interactive overlay: the image with the patch-grid heatmap on the region the model saw.
+
+    ``grids``: one ``[rows, cols]`` grid, or several by label (e.g. one per token), shown one at a
+    time through a slider over the same image. The image is embedded once, scaled to at most
+    ``max_side`` px per side and compressed; the axes stay in pixels of the original image.
+    """
+    size = fit_size(span.size, max_side)
+    px, py = span.size[0] / size[0], span.size[1] / size[1]  # original pixels per drawn pixel
+    fig = go.Figure(
+        go.Image(source=data_uri(resized(image, size)), x0=px / 2, dx=px, y0=py / 2, dy=py)
+    )
+    labelled = {"": grids} if isinstance(grids, Tensor) else dict(grids)
     left, top, right, bottom = span.box
     dx, dy = (right - left) / span.cols, (bottom - top) / span.rows
-    fig = go.Figure(go.Image(z=np.asarray(image.convert("RGB"))))
-    fig.add_trace(
-        go.Heatmap(
-            z=grid.detach().float().cpu().numpy(),
-            x0=left + dx / 2,
-            dx=dx,
-            y0=top + dy / 2,
-            dy=dy,
-            opacity=0.55,
-            zsmooth="best",
-            colorscale=colorscale,
-            hovertemplate="x %{x:.0f}, y %{y:.0f}: %{z:.4f}<extra></extra>",
+    for i, grid in enumerate(labelled.values()):
+        fig.add_trace(
+            go.Heatmap(
+                z=grid.detach().float().cpu().numpy(),
+                x0=left + dx / 2,
+                dx=dx,
+                y0=top + dy / 2,
+                dy=dy,
+                opacity=0.55,
+                zsmooth="best",
+                colorscale=colorscale,
+                visible=i == 0,
+                hovertemplate="x %{x:.0f}, y %{y:.0f}: %{z:.4f}<extra></extra>",
+            )
         )
-    )
+    if len(labelled) > 1:
+        steps = [
+            dict(
+                label=label,
+                method="restyle",
+                args=[{"visible": [True] + [j == i for j in range(len(labelled))]}],
+            )
+            for i, label in enumerate(labelled)
+        ]
+        fig.update_layout(sliders=[dict(steps=steps, currentvalue=dict(prefix=""))])
     fig.update_layout(title=title, margin=dict(l=10, r=10, t=40, b=10))
     return fig

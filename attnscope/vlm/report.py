@@ -1,8 +1,10 @@
-"""Files of a VLM run: heatmap overlays per token (PNG) and ``overlays.html`` (plotly)."""
+"""Files of a VLM run: heatmap overlays per token (PNG) and ``overlays.html`` (plotly), of bounded
+size whatever the size of the images."""
 
 from __future__ import annotations
 
 import html
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from attnscope.atomic import write_file_atomically
 from attnscope.report import html_page
 from attnscope.trace import Trace
 from attnscope.vlm.heatmap import overlay, overlay_figure, token_heatmaps
+from attnscope.vlm.images import OVERLAY_SIDE, fit_size, resized
 from attnscope.vlm.layout import ImageLayout
 from attnscope.vlm.metrics import visual_entropy, visual_mass
 
@@ -59,19 +62,34 @@ def write_overlays(
     positions: Sequence[int] | None = None,
 ) -> tuple[Path, list[Path]]:
     """Write ``overlays/t<pos>_image<i>.png`` for each position and image, and ``overlays.html``
-    with the visual head maps and interactive overlays. Returns (html path, png paths)."""
+    with the visual head maps and one interactive overlay per image (positions on a slider).
+    Everything is drawn on copies of the images scaled down to ``OVERLAY_SIDE`` px, each embedded
+    in the page once. Returns (html path, png paths)."""
     run_dir = Path(run_dir)
     spans = ImageLayout.of(trace).images
+    previews = [
+        resized(image, fit_size(span.size, OVERLAY_SIDE))
+        for span, image in zip(spans, images, strict=True)
+    ]
+    positions = list(positions) if positions is not None else overlay_positions(trace)
+    grids = [token_heatmaps(trace, pos) for pos in positions]  # [position][image] -> [rows, cols]
     folder = run_dir / "overlays"
     folder.mkdir(parents=True, exist_ok=True)
-    pngs, figures = [], [visual_head_maps(trace)]
-    for pos in positions if positions is not None else overlay_positions(trace):
-        label = f"token {pos} {trace.tokens[pos]!r}"
-        for span, image, grid in zip(spans, images, token_heatmaps(trace, pos), strict=True):
+    pngs = []
+    for pos, per_image in zip(positions, grids, strict=True):
+        for span, preview, grid in zip(spans, previews, per_image, strict=True):
             png = folder / f"t{pos:04d}_image{span.name.split(':')[1]}.png"
-            overlay(image, grid, span).save(png)
+            buffer = io.BytesIO()
+            overlay(preview, grid, span).save(buffer, "png")
+            write_file_atomically(png, buffer.getvalue())
             pngs.append(png)
-            figures.append(overlay_figure(image, grid, span, title=f"{label} on {span.name}"))
+    figures = [visual_head_maps(trace)]
+    for i, (span, preview) in enumerate(zip(spans, previews, strict=True)):
+        labelled = {
+            f"token {pos} {trace.tokens[pos]!r}": per_image[i]
+            for pos, per_image in zip(positions, grids, strict=True)
+        }
+        figures.append(overlay_figure(preview, labelled, span, title=f"attention on {span.name}"))
     title = f"attnscope VLM overlays: {trace.meta.get('model', '?')}"
     text = html.escape(f"{trace.meta.get('text', '')}[{trace.meta.get('generated_text', '')}]")
     summary = f"<h1>{html.escape(title)}</h1><pre style='white-space:pre-wrap'>{text}</pre>"
