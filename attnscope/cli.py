@@ -102,6 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("query")
     p.add_argument("runs", help="runs root directory")
     p.add_argument("sql", help="one SELECT query")
+    p.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=60.0,
+        help="seconds before the query is stopped; 0: none",
+    )
+    p.add_argument(
+        "--max-rows",
+        metavar="N",
+        type=int,
+        default=1000,
+        help="rows printed; a longer result is cut, with a note",
+    )
+    p.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        default="2GB",
+        help="DuckDB memory limit, e.g. 512MB or 8GB (a query needing more fails: no spilling)",
+    )
 
     p = command("dashboard")
     p.add_argument("runs", nargs="?", default="runs", help="runs root directory")

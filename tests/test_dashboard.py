@@ -216,7 +216,8 @@ def test_empty_root_newer_format_corrupt_files_and_escapes(tmp_path):
     root.mkdir()
     store = RunStore(root)
     info, loaded, *_ = callbacks.run_view(store, None, None, None)
-    assert loaded is None and "attnscope analyze" in info.children and str(root) in info.children
+    assert loaded is None and "attnscope analyze --model" in info.children
+    assert "--out root/demo" in info.children and str(tmp_path) not in info.children
     random_trace().save(root / "newer")
     header = json.loads((root / "newer" / "trace.json").read_text())
     (root / "newer" / "trace.json").write_text(json.dumps({**header, "format_version": 99}))
@@ -232,8 +233,11 @@ def test_empty_root_newer_format_corrupt_files_and_escapes(tmp_path):
         callbacks.run_view(store, "../outside", None, None)
     (root / "bad").mkdir()
     (root / "bad" / "trace.json").write_text("{")
-    with pytest.warns(UserWarning, match="skipping run 'bad'"):  # the other runs stay listed
-        assert [r.name for r in data.list_runs(store)] == ["corrupt", "newer"]
+    random_trace().save(root / "ok")
+    with pytest.warns(UserWarning) as caught:  # the other runs stay listed
+        assert [r.name for r in data.list_runs(store)] == ["ok"]
+    assert sorted(store.skipped) == ["bad", "corrupt", "newer"]
+    assert "skipping run 'bad'" in " ".join(str(w.message) for w in caught)
 
 
 def test_cli_dashboard_binds_loopback(tmp_path, monkeypatch, capsys):
@@ -379,10 +383,10 @@ def test_explorer_in_the_browser(dash_duo, model_runs):
     duo.wait_for_element("#layer-means .trace:nth-of-type(2)", timeout=15)
     assert _plot(duo, "layer-means", "gd.data.map(t => t.name)") == ["beta", "alpha"]
 
-    duo.select_dcc_dropdown("#run", index=3)  # newer
-    duo.wait_for_contains_text("#run-info", "newer attnscope", timeout=15)
-    duo.select_dcc_dropdown("#run", index=2)  # broken
-    duo.wait_for_contains_text("#run-info", "Parquet", timeout=15)
+    skipped = duo.find_element("#skipped").text  # not in the run list: named, with why
+    assert "skipped run 'newer': written by a newer attnscope" in skipped
+    assert "skipped run 'broken': stats.parquet is damaged" in skipped
+    assert str(model_runs) not in skipped
     _shot(duo, "broken")
     assert not duo.get_logs(), duo.get_logs()
 

@@ -25,6 +25,7 @@ from attnscope.dashboard.data import (
     layer_index,
     list_runs,
     load_run,
+    page_text,
     qk_layers,
     token_summary,
 )
@@ -186,7 +187,7 @@ def register(app: Dash, store: RunStore) -> None:
             except Exception as err:  # the page shows any failure instead of breaking
                 if not isinstance(err, AttnscopeError):
                     log.exception("dashboard view %s failed", view.__name__)
-                return on_error(message(error_text(err), "error"))
+                return on_error(message(page_text(store, error_text(err)), "error"))
 
         app.callback(outputs, inputs)(callback)
 

@@ -7,6 +7,7 @@ modification time, so a run replaced on disk is read again and a corpus is never
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +25,7 @@ MAX_CELLS = 256  # the heatmap is pooled to at most MAX_CELLS x MAX_CELLS blocks
 SCORE_BUDGET = 2**24  # scores (rows x keys) computed per heatmap view; beyond it rows are sampled
 CHUNK_SCORES = 2**23  # scores held at once while computing a heatmap
 ALL_LAYERS = "all"
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])/(?:[^\s/'\"]+/)+[^\s/'\",;:)]*")  # /a/b, /a/b/
 
 
 def fmt(value: float) -> str:
@@ -36,19 +38,48 @@ def error_text(err: Exception) -> str:
     return str(err) if isinstance(err, AttnscopeError) else f"{type(err).__name__}: {err}"
 
 
+def page_text(store: RunStore, text: str) -> str:
+    """``text`` as the page shows it (maybe to other machines): paths under the runs root
+    relative to it, any other absolute path hidden."""
+    root = str(store.root)
+    text = text.replace(root + "/", "")
+    text = re.sub(re.escape(root) + r"(?![\w.-])", "the runs root", text)
+    return ABSOLUTE_PATH.sub("<a path outside the runs root>", text)
+
+
 def list_runs(store: RunStore) -> list[RunInfo]:
-    """The store's runs (unreadable ones skipped with a warning); an unreadable root becomes an
-    error naming it."""
+    """The store's readable runs (the others are in ``store.skipped``); an unreadable root
+    becomes an error naming it."""
     try:
         return store.runs()
     except (OSError, ValueError, KeyError) as err:
         raise AttnscopeError(f"cannot list the runs under {store.root}: {error_text(err)}") from err
 
 
+def skipped_lines(store: RunStore) -> list[str]:
+    """One line per run the last listing skipped, with why."""
+    return [f"skipped run {name!r}: {why}" for name, why in store.skipped.items()]
+
+
+def first_readable(store: RunStore, runs: list[RunInfo]) -> str | None:
+    """The first of ``runs`` that loads: the page opens on it."""
+    for info in runs:
+        try:
+            load_run(store, info.name)
+        except Exception:  # any failure: the run shows its error only when picked
+            continue
+        return info.name
+    return None
+
+
 def empty_root_message(store: RunStore) -> str:
+    """What the page says when the root holds no readable run (call after ``list_runs``)."""
+    root = store.root.name
+    if store.skipped:
+        return f"No readable runs under {root}/: the {len(store.skipped)} there are listed above."
     return (
-        f"No runs under {store.root}. Write one with: attnscope analyze --model gemma3-270m "
-        f"--generate 64 --keep-qk all --out {store.root / 'demo'}"
+        f"No runs under {root}/. Write one with: attnscope analyze --model gemma3-270m "
+        f"--generate 64 --keep-qk all --out {root}/demo"
     )
 
 

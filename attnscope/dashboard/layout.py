@@ -5,7 +5,15 @@ from __future__ import annotations
 from dash import dcc, html
 from dash.development.base_component import Component
 
-from attnscope.dashboard.data import MAX_CELLS, TokenRow, fmt, list_runs
+from attnscope.dashboard.data import (
+    MAX_CELLS,
+    TokenRow,
+    first_readable,
+    fmt,
+    list_runs,
+    page_text,
+    skipped_lines,
+)
 from attnscope.errors import AttnscopeError
 from attnscope.store import RunStore
 
@@ -48,7 +56,8 @@ def _labelled(label: str, component: Component, width: str = "260px") -> html.Di
 
 
 def build_layout(store: RunStore) -> html.Div:
-    """The whole page; run options are read again on every page load."""
+    """The whole page, opened on the first readable run; runs are listed again on every page
+    load, with the ones that cannot be read and why."""
     try:
         runs = list_runs(store)
     except AttnscopeError:
@@ -56,14 +65,18 @@ def build_layout(store: RunStore) -> html.Div:
     options = [
         {"label": f"{r.name} ({r.model}, {r.n_tokens} tokens)", "value": r.name} for r in runs
     ]
-    first = runs[0].name if runs else None
+    skipped = [message(page_text(store, line), "error") for line in skipped_lines(store)]
     return html.Div(
         [
             html.H2("attnscope explorer"),
-            message(f"runs under {store.root}"),
+            message(f"runs under {store.root.name}/"),
+            html.Div(skipped, id="skipped"),
             html.Div(
                 [
-                    _labelled("run", dcc.Dropdown(id="run", options=options, value=first)),
+                    _labelled(
+                        "run",
+                        dcc.Dropdown(id="run", options=options, value=first_readable(store, runs)),
+                    ),
                     _labelled(
                         "compare with",
                         dcc.Dropdown(id="compare", options=options, placeholder="(none)"),

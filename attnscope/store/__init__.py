@@ -1,5 +1,5 @@
 """Run directories (trace.json + stats.parquet) and DuckDB queries over them."""
 
-from attnscope.store.runs import RunInfo, RunStore
+from attnscope.store.runs import RunInfo, RunStore, StoreWarning
 
-__all__ = ["RunInfo", "RunStore"]
+__all__ = ["RunInfo", "RunStore", "StoreWarning"]
