@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -14,6 +15,8 @@ from attnscope.kernels.config import StatsConfig
 from attnscope.models.loaded import LoadedModel
 from attnscope.probes.capture import Capture
 from attnscope.trace import Trace
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def analyze(
@@ -34,6 +37,7 @@ def analyze(
     reasoning-trace analyses. ``keep_qk`` keeps the post-RoPE queries and keys of those layers
     (True: all) for attention heatmaps on demand.
     """
+    check_text(text)
     config = StatsConfig.build(config, **stats)
     if lm.kind not in ("causal-lm", "encoder"):
         raise AttnscopeError(
@@ -47,7 +51,13 @@ def analyze(
     model, tok = lm.model, lm.tokenizer
     ids = tok(text, return_tensors="pt").input_ids.to(model.device)  # [1, T0]
     n_prompt = ids.shape[1]
+    if n_prompt == 0:
+        raise AttnscopeError(
+            f"the prompt {text[:40]!r} gives no token with the tokenizer of {lm.name!r}; "
+            "give text that has at least one token"
+        )
     check_context(lm, n_prompt + generate)
+    _check_spans(config, n_prompt + generate)
     cap = Capture(model, config=config.resolved(n_prompt, n_prompt + generate), tokenizer=tok)
     start = time.perf_counter()
     with torch.no_grad(), cap:
@@ -58,6 +68,37 @@ def analyze(
         else:
             model(input_ids=ids)
     return label_run(cap.trace, lm, n_prompt, text, start)
+
+
+def check_text(text: Any, what: str = "the prompt") -> None:
+    """Refuse what no tokenizer takes: a non-string, an empty string, text that is not valid
+    Unicode (``check_unicode``)."""
+    if not isinstance(text, str) or not text:
+        raise AttnscopeError(f"{what} must be a non-empty string, got {text!r}")
+    check_unicode(text, what)
+
+
+def check_unicode(text: str, what: str) -> None:
+    """Refuse lone surrogates (what Python makes of command-line bytes that are not UTF-8): no
+    tokenizer, file or Parquet column takes them."""
+    bad = _SURROGATE.search(text)
+    if bad:
+        code = ord(bad.group())
+        byte = f" (the byte 0x{code - 0xDC00:02X}, not UTF-8)" if 0xDC80 <= code <= 0xDCFF else ""
+        raise AttnscopeError(
+            f"{what} is not valid Unicode: character {bad.start()} is the lone surrogate "
+            f"U+{code:04X}{byte}; give UTF-8 text (on a command line: a UTF-8 locale and bytes)"
+        )
+
+
+def _check_spans(config: StatsConfig, n_tokens: int) -> None:
+    """Spans are token positions ``[start, end)`` of the run: within ``0..n_tokens``."""
+    for name, (start, end) in config.spans:
+        if start < 0 or end > n_tokens:
+            raise AttnscopeError(
+                f"span {name!r} = [{start}, {end}) is outside the run's {n_tokens} tokens "
+                f"(prompt + generation): give positions from 0 to {n_tokens}"
+            )
 
 
 def label_run(trace: Trace, lm: LoadedModel, n_prompt: int, text: str, start: float) -> Trace:

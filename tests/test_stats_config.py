@@ -46,7 +46,8 @@ def test_config_shortcuts_override_fields():
         (dict(sink_tokens=-1), ValueError, "sink_tokens"),
         (dict(fai_horizon=(9, 3)), ValueError, "horizon"),
         (dict(fai_rows="prompt"), ValueError, "fai_rows"),
-        (dict(fai_rows=(5, 2)), ValueError, "end < start"),
+        (dict(fai_rows=(5, 2)), ValueError, "0 <= start <= end"),
+        (dict(fai_rows=(-1, 2)), ValueError, "0 <= start <= end"),
         (dict(spans={"a": (4, 1)}), ValueError, "span 'a'"),
         (dict(metrics=["entropyy"]), UnsupportedMetricError, "unknown metric"),
         (dict(metrics="entropy"), UnsupportedMetricError, "list of names"),
@@ -109,7 +110,7 @@ def test_auto_on_the_cpu_picks_chunked():
             ),
             "score bias",
         ),
-        (dict(spans={f"s{i}": (i, i + 1) for i in range(16)}), "more than 15 spans"),
+        (dict(spans={f"s{i}": (i % 6, i % 6 + 1) for i in range(16)}), "more than 15 spans"),
     ],
     ids=["score-bias", "16-spans"],
 )

@@ -76,8 +76,8 @@ class StatsConfig:
             raise ValueError(
                 f"fai_rows must be (start, end), {RESPONSE!r} or None, got {self.fai_rows!r}"
             )
-        if isinstance(self.fai_rows, tuple) and self.fai_rows[1] < self.fai_rows[0]:
-            raise ValueError(f"fai_rows (start, end) has end < start: {self.fai_rows}")
+        if isinstance(self.fai_rows, tuple) and not 0 <= self.fai_rows[0] <= self.fai_rows[1]:
+            raise ValueError(f"fai_rows (start, end) needs 0 <= start <= end, got {self.fai_rows}")
         for name, (start, end) in self.spans:
             if end < start:
                 raise ValueError(f"span {name!r} has end {end} < start {start}")

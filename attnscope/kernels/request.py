@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,11 +118,14 @@ def build_request(
     tk = k.shape[2]
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"softcap must be > 0, got {softcap}")
+    if softcap is not None and not (0 < softcap < math.inf):
+        raise ValueError(f"softcap must be finite and > 0, got {softcap}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    _check_spans(config.spans, tk, defaults=k_pos is None)
     requested = config.metrics if config.metrics is not None else known_metrics(config.span_names)
 
-    key_valid, mask4, bias = _split_mask(mask, b, hq, tq, tk)
+    key_valid, mask4, bias = _split_mask(mask, b, hq, tq, tk, q.device)
     kp = _positions(k_pos, b, tk, "k_pos", q.device)
     if kp is None:
         if key_valid is not None:  # left padding: count real tokens only
@@ -155,7 +159,8 @@ def build_request(
 
 
 def _check_tensors(q: Tensor, k: Tensor) -> None:
-    """Shapes ``[B, H, T, D]`` with GQA-compatible heads, floating point, nothing empty."""
+    """Shapes ``[B, H, T, D]`` with GQA-compatible heads, one floating dtype and device, finite
+    values, at least one key (no query, ``Tq = 0``, gives empty rows)."""
     if q.dim() != 4 or k.dim() != 4:
         raise ShapeError(
             f"q and k must be 4-D [B, H, T, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}"
@@ -174,10 +179,45 @@ def _check_tensors(q: Tensor, k: Tensor) -> None:
         raise ShapeError(f"q and k must be floating point, got {q.dtype} and {k.dtype}")
     if b == 0 or d == 0:
         raise ShapeError(f"q and k need a batch and a head dim > 0; got q {tuple(q.shape)}")
+    if k.shape[2] == 0:
+        raise ShapeError(
+            f"k {tuple(k.shape)} has no key (Tk = 0): queries need at least one key to attend to"
+        )
+    if q.device != k.device:
+        raise ShapeError(f"q and k must be on one device, got q on {q.device} and k on {k.device}")
+    if q.dtype != k.dtype:
+        raise ShapeError(
+            f"q and k must have one dtype, got {q.dtype} and {k.dtype}: cast one (k.to(q.dtype))"
+        )
+    _check_finite(q, "q")
+    _check_finite(k, "k")
+
+
+def _check_finite(t: Tensor, name: str) -> None:
+    """Refuse NaN / inf entries: they would turn the statistics into NaN without a word."""
+    # one reduction without a copy; only a non-finite sum (or an overflow) needs the exact look
+    if bool(torch.isfinite(t.sum(dtype=torch.promote_types(t.dtype, torch.float32)))):
+        return
+    bad = (~torch.isfinite(t)).nonzero()
+    if len(bad):
+        raise ShapeError(
+            f"{name} {tuple(t.shape)} holds {len(bad)} NaN or inf value(s), the first at index "
+            f"{tuple(bad[0].tolist())}: check the model's activations (fp16 overflow?)"
+        )
+
+
+def _check_spans(spans: tuple[tuple[str, tuple[int, int]], ...], tk: int, defaults: bool) -> None:
+    """Spans are key positions ``[start, end)``: never negative, and with the default positions
+    (keys ``0..Tk-1``) within ``[0, Tk]``. With explicit positions a span may lie ahead of the
+    keys seen so far (the prompt's forward pass of a generation)."""
+    limit = f"[0, {tk}] (Tk = {tk} key positions)" if defaults else "key positions >= 0"
+    for name, (start, end) in spans:
+        if start < 0 or (defaults and end > tk):
+            raise ShapeError(f"span {name!r} = [{start}, {end}) is outside {limit}")
 
 
 def _split_mask(
-    mask: Tensor | None, b: int, hq: int, tq: int, tk: int
+    mask: Tensor | None, b: int, hq: int, tq: int, tk: int, device: torch.device
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Split a mask into key padding ``[B, Tk]``, a bool mask and an additive score bias.
 
@@ -187,6 +227,10 @@ def _split_mask(
     """
     if mask is None:
         return None, None, None
+    if mask.is_complex():
+        raise ShapeError(f"mask must be bool, integer or float, got {mask.dtype}")
+    if mask.device != device:
+        raise ShapeError(f"mask must be on the device of q ({device}), got {mask.device}")
     if mask.dim() == 2:
         if mask.shape != (b, tk):
             raise ShapeError(f"2-D mask must be [B, Tk] = {(b, tk)}, got {tuple(mask.shape)}")

@@ -45,6 +45,7 @@ class Capture:
         given = {"metrics": metrics, "layers": layers}
         shortcuts.update({k: v for k, v in given.items() if v is not None})
         self.config = StatsConfig.build(config, **shortcuts)
+        check_layers(model, self.config)
         if isinstance(self.config.fai_rows, str):
             raise ValueError(
                 f"fai_rows={self.config.fai_rows!r} is resolved by analyze() for a generation; "
@@ -243,6 +244,38 @@ def capture(
 ) -> Capture:
     """``with capture(model) as cap: model(**inputs)`` then ``cap.trace``. See ``Capture``."""
     return Capture(model, metrics, layers, **kwargs)
+
+
+def check_layers(model: torch.nn.Module, config: StatsConfig) -> None:
+    """Refuse ``layers`` / ``keep_qk`` indices that no attention stack of ``model`` has, and
+    ``keep_qk`` layers left out of ``layers``: a capture would silently skip them."""
+    numbered = [s for s in ProbeSession.of(model).sites.values() if s.layer >= 0]
+    sizes: dict[str, int] = {}  # role of each stack -> its number of layers
+    for site in numbered:
+        sizes[site.role] = max(sizes.get(site.role, 0), site.layer + 1)
+    name = type(model).__name__
+    if len(set(sizes.values())) == 1:
+        n = next(iter(sizes.values()))
+        have = f"{name}'s layers 0-{n - 1} ({n} layers)"
+    elif sizes:
+        have = f"{name}'s layers " + ", ".join(f"0-{n - 1} ({role})" for role, n in sizes.items())
+    else:
+        have = f"{name}, which has no numbered attention layers"
+    if config.layers == ():
+        raise AttnscopeError(f"layers is empty: give indices from {have}, or None for all")
+    existing = {site.layer for site in numbered}
+    keep = () if isinstance(config.keep_qk, bool) else config.keep_qk
+    for field, indices in (("layers", config.layers or ()), ("keep_qk", keep)):
+        bad = [i for i in indices if i not in existing]
+        if bad:
+            start = " (indices start at 0)" if min(bad) < 0 else ""
+            raise AttnscopeError(f"{field} {bad} not in {have}{start}")
+    left_out = sorted(set(keep) - set(config.layers or keep))
+    if left_out:
+        raise AttnscopeError(
+            f"keep_qk {left_out} are not among the captured layers {list(config.layers)}: "
+            "add them to layers"
+        )
 
 
 def _fit(col: Tensor, n: int) -> Tensor:

@@ -423,6 +423,8 @@ def id_problem(name: str) -> str | None:
         return "contains a path separator"
     if any(ord(c) < 32 for c in name):
         return "contains a control character"
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+        return "is not valid Unicode (a byte that is not UTF-8)"
     if len(name.encode()) > MAX_ID_BYTES:
         return f"is longer than {MAX_ID_BYTES} bytes"
     return None
