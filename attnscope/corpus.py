@@ -15,22 +15,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock, Timeout
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from attnscope.analyze import check_context, label_run
-from attnscope.atomic import write_file_atomically
+from attnscope.analyze import check_context, check_text, check_unicode, label_run
+from attnscope.atomic import (
+    check_target,
+    claim,
+    run_kind,
+    sweep,
+    write_dir_atomically,
+    write_file_atomically,
+)
 from attnscope.errors import AttnscopeError, RunExistsError
 from attnscope.generation import (
     cut_at_eos,
@@ -108,7 +112,7 @@ def analyze_corpus(
         "prompts": [pid for pid, _ in entries],
         "failed": {},
     }
-    with _exclusive(out):  # one writer per corpus run
+    with claim(out, "corpus run"):  # one writer per corpus run
         resume = _check_out(out, manifest, overwrite)
         if isinstance(lm, str):
             if progress:
@@ -119,7 +123,7 @@ def analyze_corpus(
                 f"analyze_corpus() takes causal language models; {lm.name!r} is a {lm.kind} model "
                 "(use analyze() per text)"
             )
-        _open_out(out, resume)
+        _open_out(out, resume, manifest, overwrite)
 
         prompts_dir = out / PROMPTS_DIR
         resumed = [pid for pid, _ in entries if (prompts_dir / pid / TRACE_FILE).is_file()]
@@ -209,10 +213,10 @@ def _validated(entries: list[tuple[str, Any, Any]]) -> list[tuple[str, str]]:
     """Check texts and ids (strings usable as directory names, unique); ``(id, text)`` pairs."""
     first: dict[str, str] = {}
     for where, pid, text in entries:
-        if not isinstance(text, str) or not text:
-            raise AttnscopeError(f'{where}: "prompt" must be a non-empty string, got {text!r}')
+        check_text(text, f'{where}: "prompt"')
         if not isinstance(pid, str):
             raise AttnscopeError(f"{where}: the id must be a string, got {pid!r}")
+        check_unicode(pid, f"{where}: the id")
         problem = id_problem(pid)
         if problem:
             raise AttnscopeError(
@@ -225,44 +229,27 @@ def _validated(entries: list[tuple[str, Any, Any]]) -> list[tuple[str, str]]:
     return [(pid, text) for _, pid, text in entries]
 
 
-@contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold the writer lock of corpus run ``out`` (a file beside it), or refuse at once."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(out.parent / f".{out.name}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout as err:
-        raise AttnscopeError(
-            f"another process is writing the corpus run {out}; let it finish (or stop it), "
-            "then run the same command again to resume"
-        ) from err
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 def _check_out(out: Path, manifest: dict, overwrite: bool) -> bool:
     """Whether ``out`` holds this corpus run to resume (False: a new one is made); refuses an
-    ``out`` that holds something else, unless ``overwrite`` and it is an attnscope run."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    ``out`` that holds something else, unless ``overwrite`` and it is an attnscope run
+    (``attnscope.atomic.check_target``), and a corpus run of a newer attnscope."""
+    kind = run_kind(out)
+    if overwrite or kind != "corpus":
+        if not overwrite and out.is_dir() and any(out.iterdir()):
+            raise RunExistsError(
+                f"{out} exists and is not a corpus run; choose another out directory"
+                + (" or pass overwrite=True (CLI: --overwrite) to replace it" if kind else "")
+            )
+        check_target(out, overwrite)
         return False
-    if overwrite:
-        if any((out / f).is_file() for f in (CORPUS_FILE, TRACE_FILE)):
-            return False
-        raise AttnscopeError(f"{out} is not an attnscope run: refusing to overwrite it")
-    if not (out / CORPUS_FILE).is_file():
-        raise RunExistsError(
-            f"{out} exists and is not a corpus run; choose another out directory or pass "
-            "overwrite=True (CLI: --overwrite)"
-        )
-    try:
-        old = json.loads((out / CORPUS_FILE).read_text())
-    except (OSError, ValueError) as err:
+    old = json.loads((out / CORPUS_FILE).read_text())  # run_kind has read it
+    version = old.get("format_version")
+    if not isinstance(version, int) or version > CORPUS_VERSION:
         raise AttnscopeError(
-            f"cannot read {out / CORPUS_FILE} ({err}); pass overwrite=True (CLI: --overwrite)"
-        ) from err
+            f"{out} holds a corpus run of format version {version!r}, which this attnscope "
+            f"(version {CORPUS_VERSION}) cannot resume: upgrade attnscope, or choose another out "
+            "directory"
+        )
     old_params, new_params = old.get("parameters") or {}, manifest["parameters"]
     differences = [
         f"{key}={old_params.get(key)!r} (now {new_params.get(key)!r})"
@@ -281,16 +268,19 @@ def _check_out(out: Path, manifest: dict, overwrite: bool) -> bool:
     return True
 
 
-def _open_out(out: Path, resume: bool) -> None:
-    """Make ``out`` an empty corpus run, or clear what an interrupted one left half-written."""
-    prompts_dir = out / PROMPTS_DIR
+def _open_out(out: Path, resume: bool, manifest: dict, overwrite: bool) -> None:
+    """Clear what an interrupted run left half-written in ``out``, or make it a new corpus run
+    (``corpus.json`` and an empty ``prompts/``) in one atomic write."""
     if resume:
-        for tmp in prompts_dir.glob(".*"):  # temporary directories of a killed save
-            shutil.rmtree(tmp, ignore_errors=True)
+        sweep(out)
+        sweep(out / PROMPTS_DIR)
         return
-    if out.exists():
-        shutil.rmtree(out)
-    prompts_dir.mkdir(parents=True)
+
+    def fill(tmp: Path) -> None:
+        (tmp / PROMPTS_DIR).mkdir()
+        (tmp / CORPUS_FILE).write_text(json.dumps(manifest, indent=1))
+
+    write_dir_atomically(out, fill, overwrite=overwrite)
 
 
 def _fail(failed: dict[str, str], ids: list[str], error: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,8 +173,16 @@ class Trace:
         q, k = self.qk[layer]
         return q, k, self.meta["qk_attention"][str(layer)]
 
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write ``trace.json`` + ``stats.parquet`` into ``path`` atomically."""
+    def save(
+        self,
+        path: str | Path,
+        overwrite: bool = False,
+        extra: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Write ``trace.json`` + ``stats.parquet`` (+ ``qk.safetensors``) into the run directory
+        ``path`` atomically (``attnscope.atomic.write_dir_atomically``: a new path or an empty
+        directory; an existing attnscope run only if ``overwrite``). ``extra(tmp)`` adds files
+        (report, figures) to the temporary directory, so that they appear with the run."""
 
         def fill(tmp: Path) -> None:
             pq.write_table(self.to_arrow(), tmp / STATS_FILE, compression="zstd")
@@ -186,6 +194,8 @@ class Trace:
                 }
                 save_file(tensors, tmp / QK_FILE)
             (tmp / TRACE_FILE).write_text(json.dumps(self._header(), indent=1))
+            if extra is not None:
+                extra(tmp)
 
         return write_dir_atomically(Path(path), fill, overwrite=overwrite)
 

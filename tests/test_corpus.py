@@ -14,6 +14,7 @@ from filelock import FileLock
 
 import attnscope as asc
 from attnscope import corpus
+from attnscope.atomic import lock_file
 from attnscope.cli import main
 from attnscope.corpus_report import corpus_head_stats, write_corpus_report
 from attnscope.errors import AttnscopeError, RunExistsError
@@ -228,7 +229,7 @@ def test_existing_out_directories(gpt2, tmp_path):
 def test_a_second_writer_is_refused_while_the_first_holds_the_run(gpt2, tmp_path):
     out = tmp_path / "c"
     with (
-        FileLock(str(tmp_path / ".c.lock")),  # what a running analyze_corpus holds
+        FileLock(str(lock_file(out))),  # what a running analyze_corpus holds
         pytest.raises(AttnscopeError, match="another process is writing the corpus run"),
     ):
         asc.analyze_corpus(gpt2, ["a b"], out=out, progress=False)

@@ -7,13 +7,14 @@ import shlex
 import sys
 from pathlib import Path
 
+from attnscope.atomic import claim
 from attnscope.commands.common import (
     Layers,
     layer_count,
     parse_keep_qk,
     parse_layers,
-    refuse_existing,
     resolve,
+    writing_run,
 )
 
 
@@ -31,20 +32,20 @@ def _single(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | b
     from attnscope.report import write_report
 
     out = Path(args.out)
-    refuse_existing(out, args.overwrite)
-    print(f"loading {args.model} ...", file=sys.stderr)
-    lm = load(args.model)
-    n_layers = layer_count(lm)
-    trace = analyze(
-        lm,
-        args.prompt,
-        generate=args.generate,
-        backend=args.backend,
-        layers=resolve(layers, n_layers),
-        keep_qk=resolve(keep_qk, n_layers),
-    )
-    trace.save(out, overwrite=args.overwrite)
-    report = write_report(trace, out)
+    with writing_run(out, args.overwrite):
+        print(f"loading {args.model} ...", file=sys.stderr)
+        lm = load(args.model)
+        n_layers = layer_count(lm)
+        trace = analyze(
+            lm,
+            args.prompt,
+            generate=args.generate,
+            backend=args.backend,
+            layers=resolve(layers, n_layers),
+            keep_qk=resolve(keep_qk, n_layers),
+        )
+        trace.save(out, overwrite=args.overwrite, extra=lambda tmp: write_report(trace, tmp))
+    report = out / "report.html"
     groups = trace.head_groups()
     print(
         f"{len(trace)} tokens ({trace.spans}) x {len(trace.layers)} layers x {trace.n_heads} heads,"
@@ -69,24 +70,26 @@ def _corpus(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | b
 
     out = Path(args.out)
     prompts = read_prompts(args.prompts)
-    # the model is loaded only once the run directory is known to be new or resumable, unless an
-    # open layer range needs its layer count first
-    lm, n_layers = args.model, None
-    if any(isinstance(c, Layers) and c.open_ended for c in (layers, keep_qk)):
-        print(f"loading {args.model} ...", file=sys.stderr)
-        lm = load(args.model)
-        n_layers = layer_count(lm)
-    summary = analyze_corpus(
-        lm,
-        prompts,
-        generate=args.generate,
-        out=out,
-        batch_size=args.batch_size,
-        backend=args.backend,
-        layers=resolve(layers, n_layers),
-        keep_qk=resolve(keep_qk, n_layers),
-        overwrite=args.overwrite,
-    )
+    with claim(out, "corpus run"):  # held until the report is written
+        # the model is loaded only once the run directory is known to be new or resumable, unless
+        # an open layer range needs its layer count first
+        lm, n_layers = args.model, None
+        if any(isinstance(c, Layers) and c.open_ended for c in (layers, keep_qk)):
+            print(f"loading {args.model} ...", file=sys.stderr)
+            lm = load(args.model)
+            n_layers = layer_count(lm)
+        summary = analyze_corpus(
+            lm,
+            prompts,
+            generate=args.generate,
+            out=out,
+            batch_size=args.batch_size,
+            backend=args.backend,
+            layers=resolve(layers, n_layers),
+            keep_qk=resolve(keep_qk, n_layers),
+            overwrite=args.overwrite,
+        )
+        report = write_corpus_report(out) if summary.done else None
     resumed = f" ({len(summary.resumed)} from an earlier run)" if summary.resumed else ""
     print(f"{len(summary.done)} prompts done{resumed}, {len(summary.skipped)} skipped")
     for pid, error in summary.skipped.items():
@@ -96,8 +99,8 @@ def _corpus(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | b
         "GROUP BY prompt ORDER BY prompt"
     )
     print(f"results: {out} (corpus.json, one run per prompt in prompts/<id>/)")
-    if summary.done:
-        print(f"report:  {write_corpus_report(out)}")
+    if report is not None:
+        print(f"report:  {report}")
     print(f"query:   attnscope query {_shell_quote(str(out.parent))} {_shell_quote(sql)}")
     return 0
 

@@ -1,13 +1,15 @@
-"""Flag syntax and checks shared by the subcommands: ``--layers`` / ``--keep-qk`` and the refusal
-of an existing run directory."""
+"""Flag syntax and checks shared by the subcommands: ``--layers`` / ``--keep-qk`` and the claim
+of the run directory a command writes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from attnscope.errors import RunExistsError
+from attnscope.atomic import check_target, claim
 
 if TYPE_CHECKING:
     from attnscope.models.loaded import LoadedModel
@@ -93,6 +95,15 @@ def layer_count(lm: LoadedModel) -> int:
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
-    """Refuse an existing run directory unless ``--overwrite``: called before the slow part."""
-    if out.exists() and not overwrite:
-        raise RunExistsError(f"run directory {out} already exists; pass --overwrite to replace it")
+    """Refuse an ``--out`` that may not be written (``attnscope.atomic.check_target``): called
+    before the slow part."""
+    check_target(out, overwrite)
+
+
+@contextmanager
+def writing_run(out: Path, overwrite: bool) -> Iterator[None]:
+    """Hold the writer lock of run directory ``out`` for the whole command (a second writer is
+    refused at once, not after its work) and refuse an ``out`` that may not be written."""
+    with claim(out):
+        check_target(out, overwrite)
+        yield

@@ -11,7 +11,7 @@ from typing import Literal
 
 from PIL import Image
 
-from attnscope.commands.common import layer_count, parse_layers, refuse_existing
+from attnscope.commands.common import layer_count, parse_layers, writing_run
 from attnscope.errors import AttnscopeError
 from attnscope.interventions import VisualBoost, carve
 from attnscope.models import load
@@ -28,19 +28,19 @@ Intervene = Literal["none", "boost", "carve"]
 def run(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers) if args.layers else None
     out = Path(args.out)
-    refuse_existing(out, args.overwrite)
-    print(f"loading {args.model} ...", file=sys.stderr)
-    lm = load(args.model)
-    result = run_vlm(
-        lm,
-        args.image,
-        args.prompt,
-        out,
-        generate=args.generate,
-        intervene=args.intervene,
-        layers=None if layers is None else layers.span(layer_count(lm)),
-        overwrite=args.overwrite,
-    )
+    with writing_run(out, args.overwrite):
+        print(f"loading {args.model} ...", file=sys.stderr)
+        lm = load(args.model)
+        result = run_vlm(
+            lm,
+            args.image,
+            args.prompt,
+            out,
+            generate=args.generate,
+            intervene=args.intervene,
+            layers=None if layers is None else layers.span(layer_count(lm)),
+            overwrite=args.overwrite,
+        )
     trace = result.trace
     print(f"{len(trace)} tokens {trace.spans}, {len(trace.layers)} layers x {trace.n_heads} heads")
     for name, value in result.notes.items():
@@ -75,13 +75,40 @@ def run_vlm(
     overwrite: bool = False,
     progress: bool = True,
 ) -> VlmRun:
-    """Analyse and write the run into ``out`` (an existing one is replaced only if ``overwrite``).
+    """Analyse and write the run into ``out`` (an existing run is replaced only if ``overwrite``)
+    in one atomic write, holding its writer lock throughout.
     ``boost``: VisualBoost on decoder ``layers`` (default: its own), compared with a plain run;
     ``carve``: the CARVE mask of the question over ``layers`` (default all), the masked / cropped
     images and the re-asked answer."""
     out = Path(out)
-    refuse_existing(out, overwrite)
-    loaded = load_images(images)
+    with writing_run(out, overwrite):
+        loaded = load_images(images)
+        trace, notes, extra = _analyse(lm, loaded, prompt, generate, intervene, layers, progress)
+        overlays: list[Path] = []  # overlays.html, then the PNGs, relative to the run directory
+
+        def fill(tmp: Path) -> None:  # everything goes into the run's temporary directory
+            for name, image in extra.items():
+                image.save(tmp / name)
+            page, pngs = write_overlays(trace, loaded, tmp)
+            overlays.extend(p.relative_to(tmp) for p in (page, *pngs))
+            write_report(trace, tmp)
+
+        trace.save(out, overwrite=overwrite, extra=fill)
+    notes.update({name: str(out / name) for name in extra})
+    page, *pngs = [out / p for p in overlays]
+    return VlmRun(trace, out, out / "report.html", page, pngs, notes)
+
+
+def _analyse(
+    lm: LoadedModel,
+    loaded: list[Image.Image],
+    prompt: str,
+    generate: int,
+    intervene: Intervene,
+    layers: tuple[int, int] | None,
+    progress: bool,
+) -> tuple[Trace, dict[str, str], dict[str, Image.Image]]:
+    """The run's trace, notes for the user and extra images (CARVE's), by ``intervene``."""
     notes: dict[str, str] = {}
     extra: dict[str, Image.Image] = {}
     if intervene == "carve":
@@ -114,12 +141,7 @@ def run_vlm(
     else:
         trace = analyze_image(lm, loaded, prompt, generate, progress=progress)
         notes["answer"] = trace.meta["generated_text"]
-    trace.save(out, overwrite=overwrite)
-    for name, image in extra.items():
-        image.save(out / name)
-        notes[name] = str(out / name)
-    page, pngs = write_overlays(trace, loaded, out)
-    return VlmRun(trace, out, write_report(trace, out), page, pngs, notes)
+    return trace, notes, extra
 
 
 def _per_layer(trace: Trace) -> str:

@@ -25,7 +25,6 @@ import plotly.graph_objects as go
 import pyarrow.parquet as pq
 from safetensors.torch import save_file
 
-from attnscope.atomic import write_dir_atomically
 from attnscope.report import head_maps, html_page
 from attnscope.speech.analysis import SpeechAnalysis
 from attnscope.speech.plots import alignment_figure, deletion_figure, token_figure, token_frame_maps
@@ -34,7 +33,8 @@ from attnscope.speech.plots import alignment_figure, deletion_figure, token_figu
 def write_speech_run(
     analysis: SpeechAnalysis, out: str | Path, *, token: int | None = None, overwrite: bool = False
 ) -> Path:
-    """Write the run into ``out`` atomically; ``token`` is the one plotted over the spectrogram
+    """Write the run into ``out`` in one atomic write (``Trace.save``: an existing attnscope run
+    is replaced only if ``overwrite``); ``token`` is the one plotted over the spectrogram
     (default: the spoken token with the most saliency mass). Returns the report's path."""
     token = _default_token(analysis) if token is None else token
     figures = {
@@ -48,8 +48,7 @@ def write_speech_run(
         ),
     }
 
-    def fill(tmp: Path) -> None:
-        analysis.cross.trace.save(tmp, overwrite=True)  # first: it replaces the directory
+    def fill(tmp: Path) -> None:  # beside the token trace's files
         analysis.cross.encoder.save(tmp / "encoder")
         (tmp / "speech.json").write_text(json.dumps(_summary(analysis), indent=1))
         pq.write_table(analysis.alignment, tmp / "alignment.parquet")
@@ -60,7 +59,7 @@ def write_speech_run(
             fig.write_json(tmp / "figures" / f"{name}.json")
         (tmp / "report.html").write_text(_report(analysis, figures))
 
-    return write_dir_atomically(Path(out), fill, overwrite=overwrite) / "report.html"
+    return analysis.cross.trace.save(out, overwrite=overwrite, extra=fill) / "report.html"
 
 
 def _default_token(analysis: SpeechAnalysis) -> int:
