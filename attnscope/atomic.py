@@ -31,10 +31,8 @@ from typing import Any, Literal
 from filelock import FileLock, Timeout
 
 from attnscope.errors import AttnscopeError, RunExistsError
-from attnscope.runfiles import STATS_FILE, TRACE_FILE
+from attnscope.runfiles import CORPUS_FILE, CORPUS_FORMAT, STATS_FILE, TRACE_FILE
 
-CORPUS_FILE = "corpus.json"  # the manifest of a corpus run (attnscope.corpus)
-CORPUS_FORMAT = "attnscope-corpus"  # its "format" field
 LOCK, TMP, OLD = ".attnscope-lock", ".attnscope-tmp-", ".attnscope-old-"
 _LEFTOVER = re.compile(
     rf"\.(?P<name>.+)(?:(?P<lock>{re.escape(LOCK)})|{re.escape(TMP)}\w+"

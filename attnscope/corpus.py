@@ -47,11 +47,11 @@ from attnscope.generation import (
 from attnscope.kernels.config import RESPONSE, StatsConfig
 from attnscope.models.loaded import LoadedModel
 from attnscope.models.loader import load
-from attnscope.probes.capture import Capture
-from attnscope.store.runs import CORPUS_FILE, CORPUS_FORMAT, PROMPTS_DIR, id_problem
+from attnscope.probes.capture import Capture, check_layers
+from attnscope.runfiles import CORPUS_FILE, CORPUS_FORMAT, CORPUS_VERSION, PROMPTS_DIR
+from attnscope.store.runs import id_problem
 from attnscope.trace import TRACE_FILE, Trace
 
-CORPUS_VERSION = 1
 PromptSpec = str | tuple[str, str] | Mapping[str, Any]
 
 
@@ -123,6 +123,7 @@ def analyze_corpus(
                 f"analyze_corpus() takes causal language models; {lm.name!r} is a {lm.kind} model "
                 "(use analyze() per text)"
             )
+        check_layers(lm.model, config)  # refused at once, not prompt by prompt
         _open_out(out, resume, manifest, overwrite)
 
         prompts_dir = out / PROMPTS_DIR

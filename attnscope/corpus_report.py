@@ -14,7 +14,8 @@ from attnscope import metrics
 from attnscope.atomic import write_file_atomically
 from attnscope.errors import AttnscopeError
 from attnscope.report import head_label, html_page, layer_head_panels
-from attnscope.store.runs import CORPUS_FILE, RunStore, sql_string
+from attnscope.runfiles import CORPUS_FILE
+from attnscope.store.runs import RunStore, sql_string
 from attnscope.trace import TRACE_FILE
 
 # panel title -> SQL aggregate over one head's rows of every prompt, and the column it needs
@@ -34,7 +35,7 @@ EXCERPT = 120  # characters of each generated text shown in the prompt table
 def corpus_head_stats(root: str | Path, name: str) -> tuple[list[int], dict[str, torch.Tensor]]:
     """Layers and, per panel of ``HEAD_AGGREGATES`` the run can serve, values ``[L, H]`` over
     all prompts of corpus run ``name`` under ``root`` (token-weighted means)."""
-    store = RunStore(root)
+    store = RunStore(root, timeout=None)  # the report aggregates every prompt of the corpus
     columns = set(store.sql("SELECT * FROM stats LIMIT 0").column_names)
     served = {title: agg for title, (agg, col) in HEAD_AGGREGATES.items() if col in columns}
     if not served:

@@ -20,9 +20,9 @@ from torch import Tensor
 from attnscope import metrics
 from attnscope.atomic import write_dir_atomically
 from attnscope.errors import AttnscopeError
-from attnscope.runfiles import QK_FILE, STATS_FILE, TRACE_FILE
+from attnscope.runfiles import QK_FILE, RUN_VERSION, STATS_FILE, TRACE_FILE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = RUN_VERSION
 INDEX_COLUMNS = ("layer", "head", "position", "token")
 
 

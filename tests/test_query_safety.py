@@ -46,13 +46,6 @@ def rewrite_json(file: Path, **changes) -> None:
     file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
 
 
-def test_store_versions_match_the_writers():
-    from attnscope.corpus import CORPUS_VERSION
-    from attnscope.store import runs
-
-    assert (runs.RUN_VERSION, runs.CORPUS_VERSION) == (FORMAT_VERSION, CORPUS_VERSION)
-
-
 # -- 1. queries read the runs' stats files and nothing else ---------------------------------------
 @pytest.fixture
 def hostile(tmp_path, monkeypatch) -> Path:

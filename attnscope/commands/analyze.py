@@ -27,11 +27,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _single(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | bool) -> int:
-    from attnscope.analyze import analyze
+    from attnscope.analyze import analyze, check_text
     from attnscope.models import load
     from attnscope.report import write_report
 
     out = Path(args.out)
+    check_text(args.prompt)  # before the model loads
     with writing_run(out, args.overwrite):
         print(f"loading {args.model} ...", file=sys.stderr)
         lm = load(args.model)

@@ -19,16 +19,19 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from attnscope.errors import AttnscopeError
-from attnscope.runfiles import STATS_FILE, TRACE_FILE
+from attnscope.runfiles import (
+    CORPUS_FILE,
+    CORPUS_FORMAT,
+    CORPUS_VERSION,
+    PROMPTS_DIR,
+    RUN_VERSION,
+    STATS_FILE,
+    TRACE_FILE,
+)
 
 if TYPE_CHECKING:
     from attnscope.trace import Trace
 
-CORPUS_FILE = "corpus.json"  # manifest of a corpus run (attnscope.corpus)
-CORPUS_FORMAT = "attnscope-corpus"
-CORPUS_VERSION = 1  # newest corpus.json format_version this attnscope reads
-RUN_VERSION = 1  # newest trace.json format_version (attnscope.trace.FORMAT_VERSION, without torch)
-PROMPTS_DIR = "prompts"  # <corpus>/prompts/<id>/ holds one run per prompt
 MAX_ID_BYTES = 200  # leaves room for the temporary-directory prefix within a 255-byte file name
 INDEX_COLUMNS = ("layer", "head", "position")  # every stats.parquet has these
 RUN_COLUMNS = pa.schema([("run", pa.string()), ("prompt", pa.string())])  # added by the store
