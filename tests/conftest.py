@@ -27,6 +27,17 @@ except ImportError:
     pass
 
 
+def pytest_collection_modifyitems(config, items):
+    """``cuda`` tests run only on a CUDA GPU with real kernels (``TRITON_INTERPRET=0``, as
+    benchmarks/gpu_check.py sets it); elsewhere they are skipped."""
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -9,6 +9,9 @@ the number of real keys up to and including each key, minus 1) and queries align
 the keys (``0..Tq-1`` when ``Tq > Tk``). A query sees a key when every constraint holds: causal
 ``k_pos <= q_pos``, sliding window ``q_pos - k_pos < W``, the key is not padding, the mask allows
 it. A row that sees no key is fully masked: NaN row statistics, lse -inf, no column contribution.
+Learned sinks (gpt-oss): a virtual key per head with logit ``sinks[h]`` joins every row's
+softmax but is never a position; the row's probabilities over real keys sum to 1 - its share,
+entropy counts it, lse includes it, and ``sink_logit_mass`` is its probability.
 """
 
 from __future__ import annotations
@@ -59,12 +62,14 @@ def reference_stats(
     bias: Tensor | None = None,
     q_pos: Tensor | None = None,
     k_pos: Tensor | None = None,
+    sinks: Tensor | None = None,
 ) -> Reference:
     """Row and column statistics of ``softmax(q k^T * scale)`` in float64, from the definitions.
 
     q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]`` (query head h uses kv head ``h // (Hq // Hkv)``),
     key_valid bool ``[B, Tk]``, mask bool ``[B, 1|Hq, Tq, Tk]`` (True = attend), bias float
-    ``[B, 1|Hq, Tq, Tk]`` added to the (soft-capped) scores, q_pos ``[B, Tq]``, k_pos ``[B, Tk]``.
+    ``[B, 1|Hq, Tq, Tk]`` added to the (soft-capped) scores, q_pos ``[B, Tq]``, k_pos ``[B, Tk]``,
+    sinks ``[Hq]`` learned sink logits.
     """
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -96,21 +101,27 @@ def reference_stats(
     if mask is not None:
         vis &= mask.bool().expand(b, hq, tq, tk)
 
-    # softmax over visible keys; fully masked rows NaN, lse -inf
+    # softmax over visible keys and the sink (if any); fully masked rows NaN, lse -inf
     nan = float("nan")
     p = torch.full((b, hq, tq, tk), nan, dtype=torch.float64)
+    p_sink = torch.full((b, hq, tq), nan, dtype=torch.float64)
     lse = torch.full((b, hq, tq), -math.inf, dtype=torch.float64)
     for i in range(b):
         for h in range(hq):
+            sink = None if sinks is None else float(sinks[h])
             for t in range(tq):
                 seen = vis[i, h, t]
                 if not seen.any():
                     continue
-                m = s[i, h, t][seen].max()
+                m = float(s[i, h, t][seen].max())
+                if sink is not None:
+                    m = max(m, sink)
                 e = torch.where(seen, torch.exp(s[i, h, t] - m), 0.0)
-                z = e.sum()
+                e_sink = 0.0 if sink is None else math.exp(sink - m)
+                z = e.sum() + e_sink
                 p[i, h, t] = e / z
-                lse[i, h, t] = m + torch.log(z)
+                p_sink[i, h, t] = e_sink / z
+                lse[i, h, t] = m + math.log(z)
     valid = ~torch.isnan(p).any(-1)  # [B, Hq, Tq]
     a = torch.nan_to_num(p)  # fully masked rows as zeros, for the column sums
 
@@ -120,14 +131,17 @@ def reference_stats(
     def in_range(lo: int, hi: int) -> Tensor:  # keys with positions in [lo, hi); [B, 1, Tk]
         return ((kp >= lo) & (kp < hi)).double()[:, None]
 
-    plogp = torch.where(a > 0, a * torch.log(torch.where(a > 0, a, 1.0)), 0.0)
+    plogp = torch.where(a > 0, a * torch.log(torch.where(a > 0, a, 1.0)), 0.0).sum(-1)
+    sink_plogp = torch.where(p_sink > 0, p_sink * torch.log(p_sink), 0.0)  # NaN rows: 0
     rows = {
-        "entropy": torch.where(valid, -plogp.sum(-1), nan),
+        "entropy": torch.where(valid, -(plogp + sink_plogp), nan),
         "mean_distance": row_mass(dist),
         "waad": row_mass(dist.clamp(0, window)),
         "sink_mass": row_mass(in_range(0, sink_tokens)),
         "max_attention": torch.where(valid, a.amax(-1), nan),
     }
+    if sinks is not None:
+        rows["sink_logit_mass"] = p_sink
     for name, (start, end) in spans.items():
         rows[f"span_mass:{name}"] = row_mass(in_range(start, end))
 

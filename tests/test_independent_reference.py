@@ -3,7 +3,8 @@
 The dense backend shares masking, scoring and FAI row selection with the chunked one, so comparing
 the two cannot catch a bug there; the reference re-derives everything from METRICS.md. float64
 inputs must give float64 statistics exact to float64 rounding (dense, chunked); float32 inputs
-match to 1e-4 (dense, chunked, and triton under the interpreter, which computes in fp32).
+match to 1e-4 (dense, chunked, and triton under the interpreter, which computes in fp32). Cases
+named ``sinks*`` add learned per-head sink logits (gpt-oss).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ F64_TOL = 1e-10
 F32_TOL = 1e-4
 
 # (b, hq, hkv, tq, tk, d) and keyword arguments shared by attention_stats and the reference;
-# "pad" (left padding per sequence), "mask" and "bias" say which masks the case builds.
+# "pad" (left padding per sequence), "mask" and "bias" say which masks the case builds; "sinks"
+# adds learned sink logits randn * 2 + that offset.
 CASES: dict[str, dict] = {
     "causal": dict(shape=(2, 2, 2, 40, 40, 8)),
     "left-padding": dict(shape=(2, 2, 1, 36, 36, 8), pad=(0, 7), fai_horizon=(1, 6)),
@@ -49,6 +51,19 @@ CASES: dict[str, dict] = {
     "fai-no-horizon": dict(shape=(1, 2, 1, 35, 35, 8), fai_horizon=None, fai_rows=(10, 35)),
     "bias": dict(shape=(1, 2, 1, 24, 24, 8), bias=True),
     "fully-masked-rows": dict(shape=(2, 3, 1, 24, 24, 8), mask="masked-rows", pad=(0, 5)),
+    "sinks": dict(shape=(2, 4, 2, 30, 30, 8), sinks=0.0, fai_horizon=(1, 8)),
+    "sinks-dominant": dict(shape=(1, 2, 1, 25, 25, 8), sinks=8.0, amp=1.0),
+    "sinks-sliding-padding": dict(
+        shape=(2, 2, 1, 36, 36, 8), sinks=1.0, pad=(0, 5), sliding_window=6, fai_horizon=(1, 6)
+    ),
+    "sinks-masked-rows": dict(
+        shape=(2, 3, 1, 24, 24, 8), sinks=0.0, mask="masked-rows", pad=(0, 5)
+    ),
+    "sinks-softcap-bias": dict(shape=(1, 2, 2, 24, 24, 8), sinks=0.5, softcap=3.0, bias=True),
+    "sinks-decode": dict(shape=(2, 4, 2, 1, 41, 8), sinks=-1.0, fai_horizon=(0, 3)),
+    "sinks-cross-spans": dict(
+        shape=(1, 2, 2, 9, 37, 8), sinks=0.0, causal=False, spans={"a": (4, 20)}, sink_tokens=2
+    ),
 }
 
 
@@ -59,6 +74,7 @@ def build(name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict, dict]:
     b, hq, hkv, tq, tk, d = case.pop("shape")
     pad, mask_kind = case.pop("pad", None), case.pop("mask", None)
     with_bias, with_positions = case.pop("bias", False), case.pop("positions", False)
+    sink_offset = case.pop("sinks", None)
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     amp = case.pop("amp", 2.0)
     q = (torch.randn(b, hq, tq, d, generator=g, dtype=torch.float64) * amp).to(dtype)
@@ -91,6 +107,9 @@ def build(name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict, dict]:
         api["k_pos"] = k_pos
         api["q_pos"] = k_pos[tk - tq :]
         ref["k_pos"], ref["q_pos"] = k_pos.expand(b, tk), k_pos[tk - tq :].expand(b, tq)
+    if sink_offset is not None:
+        sinks = torch.randn(hq, generator=g, dtype=torch.float64) * 2 + sink_offset
+        api["sinks"] = ref["sinks"] = sinks.to(dtype)
     return q, k, api, ref
 
 
@@ -140,6 +159,8 @@ def test_float32_matches(case, backend):
             pytest.skip("triton is not installed")
         if CASES[case].get("bias"):
             pytest.skip("triton refuses additive score biases")
+        if "sinks" in CASES[case] and not kernels.BACKENDS["triton"].capabilities.sinks:
+            pytest.skip("triton does not serve learned sinks yet")
     q, k, api, ref = build(case, torch.float32)
     got = run_backend(backend, q, k, api)
     assert_matches(got, reference_stats(q, k, **ref), tol=F32_TOL)

@@ -1,5 +1,6 @@
 """Triton backend in the interpreter (TRITON_INTERPRET=1, set by conftest) against the dense
-reference. Small shapes keep the interpreter fast."""
+reference, every kernel variant of ``launch.VARIANTS`` against chunked, and the same variants on a
+CUDA GPU (``cuda`` tests, run by benchmarks/gpu_check.py). Small shapes keep the interpreter fast."""
 
 import dataclasses
 
@@ -8,7 +9,8 @@ import torch
 
 from attnscope import kernels
 from attnscope.errors import UnsupportedMetricError
-from attnscope.kernels import backends
+from attnscope.kernels import backends, launch
+from attnscope.kernels.launch import GPU_VARIANTS, VARIANTS, Variant
 
 triton_stats = pytest.importorskip("attnscope.kernels.triton_stats")
 
@@ -116,3 +118,68 @@ def test_triton_too_many_spans():
         kernels.attention_stats(
             torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), backend="triton", spans=spans
         )
+
+
+def check_variant(variant: Variant, device: str, length: int) -> None:
+    """One kernel variant: triton against chunked on ``device``, every element written."""
+    q, k, kwargs = variant.inputs(length, device)
+    got = kernels.attention_stats(q, k, backend="triton", **kwargs)
+    ref = kernels.attention_stats(q, k, backend="chunked", **kwargs)
+    assert got.backend == "triton"
+    on_gpu = device != "cpu" and not triton_stats.INTERPRET
+    # the interpreter computes in fp32 from the inputs, as chunked does; on the GPU half inputs
+    # meet tf32 span sums, fp32 inputs tf32x3 scores
+    atol, rtol = (2e-3, 2e-2) if on_gpu and q.dtype != torch.float32 else (2e-4, 1e-3)
+    assert got.rows.keys() == ref.rows.keys() and got.cols.keys() == ref.cols.keys()
+    for kind, a, b in (("row", got.rows, ref.rows), ("col", got.cols, ref.cols)):
+        for name in b:
+            assert not (a[name] == POISON).any(), f"{kind} {name}: unwritten elements"
+            torch.testing.assert_close(
+                a[name],
+                b[name],
+                atol=atol,
+                rtol=rtol,
+                equal_nan=True,
+                msg=lambda m, n=name, t=kind: f"{variant.name} {t} {n}: {m}",
+            )
+    torch.testing.assert_close(got.lse, ref.lse, atol=atol, rtol=rtol, equal_nan=True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
+def test_variant_in_interpreter(variant):
+    """Every variant the compile check builds for sm_80 / sm_90 also computes the right numbers."""
+    check_variant(variant, "cpu", 40)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("length", [400, 4096])
+@pytest.mark.parametrize("variant", GPU_VARIANTS, ids=[v.name for v in GPU_VARIANTS])
+def test_variant_on_cuda(variant, length):
+    """What the autotuner picks, at two length classes."""
+    check_variant(variant, "cuda", length)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("choice", [0, 1])
+@pytest.mark.parametrize("variant", GPU_VARIANTS, ids=[v.name for v in GPU_VARIANTS])
+def test_every_candidate_on_cuda(variant, choice, monkeypatch):
+    """Each launch configuration of the table computes the right numbers, whichever the
+    autotuner would pick (the first and the second candidate of each pass)."""
+
+    def only(kind, *args):
+        configs = launch.candidates(kind, *args)
+        return (configs[min(choice, len(configs) - 1)],)
+
+    monkeypatch.setattr(triton_stats, "candidates", only)
+    check_variant(variant, "cuda", 400)
+
+
+@pytest.mark.cuda
+def test_auto_picks_triton_on_cuda():
+    q, k, _ = VARIANTS[0].inputs(256, "cuda")
+    stats = kernels.attention_stats(q, k)
+    assert stats.backend == "triton", stats.reason
+    bias = torch.zeros(1, 1, 256, 256, device="cuda")
+    bias[..., 0] = 1.0  # an intervention's score bias: only chunked serves it
+    stats = kernels.attention_stats(q, k, mask=bias)
+    assert stats.backend == "chunked" and "score bias" in stats.reason, stats.reason

@@ -255,8 +255,8 @@ def attention_window(
     rows = min(pool, max(1, budget // (n_blocks * k.shape[1])))
     kwargs = {
         key: params[key]
-        for key in ("scale", "causal", "sliding_window", "softcap")
-        if key in params
+        for key in ("scale", "causal", "sliding_window", "softcap", "sinks")
+        if params.get(key) is not None
     }
     if rows == pool:
         matrix = _exact_blocks(q, k, head, start, end, pool, kwargs)

@@ -77,6 +77,7 @@ def head_probabilities(trace: Trace, layer: int, head: int) -> Tensor:
         causal=how["causal"],
         sliding_window=how["sliding_window"],
         softcap=how["softcap"],
+        sinks=how.get("sinks"),
     )
 
 

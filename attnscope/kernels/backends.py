@@ -1,6 +1,7 @@
 """Backends of ``attention_stats`` and what each can serve; ``auto`` picks the fastest that can.
 
-Every backend declares its capabilities (devices, dtypes, metrics, masks, score biases, spans).
+Every backend declares its capabilities (devices, dtypes, metrics, masks, score biases, spans,
+learned sinks).
 ``choose`` returns the backend for a request with the reason, recorded in the trace: ``auto``
 takes the first backend of ``AUTO_ORDER`` that is fast on the request's device and lacks nothing;
 an explicit backend that lacks something fails with an error naming what.
@@ -32,6 +33,7 @@ class Capabilities:
     metrics: frozenset[str] = ALL_METRICS  # base names (span_mass for every span)
     score_bias: bool = True  # additive float masks (interventions)
     max_spans: int | None = None
+    sinks: bool = True  # learned per-head sink logits in the softmax denominator (gpt-oss)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class Backend:
             missing.append("additive score bias (interventions)")
         if caps.max_spans is not None and len(req.spans) > caps.max_spans:
             missing.append(f"more than {caps.max_spans} spans ({len(req.spans)} given)")
+        if req.sinks is not None and not caps.sinks:
+            missing.append("learned sinks")
         return missing
 
 

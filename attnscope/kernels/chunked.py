@@ -1,8 +1,9 @@
 """Chunked backend: exact statistics over blocks of query rows, never the whole L x L matrix.
 
 Memory O(B Hq block Tk). For causal and sliding-window attention each block only scores the keys
-it can see, so the work is about half of the dense computation. Computes and returns statistics in
-``req.compute_dtype`` (float32, float64 for float64 inputs).
+it can see, so the work is about half of the dense computation. Learned sinks enter each row's
+log-normaliser (``StatsRequest.with_sink``): probabilities over the keys sum to 1 minus the sink's.
+Computes and returns statistics in ``req.compute_dtype`` (float32, float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnscope.kernels.request import SPAN_PREFIX, StatsRequest
+from attnscope.kernels.request import StatsRequest
 from attnscope.kernels.stats import AttentionStats
+from attnscope.kernels.table import SPAN_PREFIX
 from attnscope.metrics.dense import analysed_rows, fai_selection
 
 BLOCK_ELEMENTS = (
@@ -67,9 +69,10 @@ def _block(
 ) -> None:
     allowed = req.allowed(rs, ks)  # [B, 1|Hq, r, k]
     s = req.scores(rs, ks).masked_fill(~allowed, float("-inf"))  # [B, Hq, r, k]
-    lse = torch.logsumexp(s, -1, keepdim=True)  # [B, Hq, r, 1]
+    lse = req.with_sink(torch.logsumexp(s, -1))[..., None]  # [B, Hq, r, 1], sink included
     valid = torch.isfinite(lse)  # [B, Hq, r, 1]
     p = torch.exp(s - torch.where(valid, lse, 0.0))  # masked keys -> 0; [B, Hq, r, k]
+    sink = req.sink_probability(lse[..., 0]) if req.sinks is not None else None  # [B, Hq, r]
     nan = torch.tensor(float("nan"), device=s.device, dtype=s.dtype)
     lse_out[:, :, rs] = lse[..., 0]
     kp = req.k_pos[:, None, None, ks]  # [B, 1, 1, k]
@@ -81,6 +84,10 @@ def _block(
     for name, out in rows.items():
         if name == "entropy":  # H = sum p (lse - s), masked keys (p = 0) contributing 0
             out[:, :, rs] = weighted(torch.where(allowed, lse - s, 0.0))
+            if sink is not None:  # the sink's term p_sink (lse - sink)
+                out[:, :, rs] += sink * (lse[..., 0] - req.sinks.to(s.dtype)[:, None])
+        elif name == "sink_logit_mass":
+            out[:, :, rs] = sink
         elif name == "mean_distance":
             out[:, :, rs] = weighted(dist)
         elif name == "waad":

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from attnscope import metrics
-from attnscope.kernels.request import SPAN_PREFIX, StatsRequest
+from attnscope.kernels.request import StatsRequest
 from attnscope.kernels.stats import AttentionStats
+from attnscope.kernels.table import SPAN_PREFIX
 from attnscope.metrics.dense import analysed_rows, fai_selection
 
 
@@ -18,22 +19,35 @@ def dense_stats(req: StatsRequest) -> AttentionStats:
     rows_all = slice(None)
     allowed = req.allowed(rows_all)  # [B, 1|Hq, Tq, Tk]
     scores = req.scores(rows_all).masked_fill(~allowed, float("-inf"))  # [B, Hq, Tq, Tk]
-    attn = torch.softmax(scores, -1)  # NaN rows where everything is masked
-    return probability_stats(req, attn, allowed, torch.logsumexp(scores, -1))
+    if req.sinks is None:
+        attn = torch.softmax(scores, -1)  # NaN rows where everything is masked
+        return probability_stats(req, attn, allowed, torch.logsumexp(scores, -1))
+    lse = req.with_sink(torch.logsumexp(scores, -1))  # [B, Hq, Tq], sink included
+    attn = torch.exp(scores - lse[..., None])  # rows sum to 1 - sink; NaN where all masked
+    return probability_stats(req, attn, allowed, lse, req.sink_probability(lse))
 
 
 def probability_stats(
-    req: StatsRequest, attn: torch.Tensor, allowed: torch.Tensor, lse: torch.Tensor
+    req: StatsRequest,
+    attn: torch.Tensor,
+    allowed: torch.Tensor,
+    lse: torch.Tensor,
+    sink: torch.Tensor | None = None,
 ) -> AttentionStats:
     """Statistics of given probabilities ``attn`` ``[B, Hq, Tq, Tk]`` (``req`` supplies positions
-    and parameters; its q and k are not read). ``lse`` ``[B, Hq, Tq]`` is passed through."""
+    and parameters; its q and k are not read). ``lse`` ``[B, Hq, Tq]`` is passed through.
+    ``sink`` ``[B, Hq, Tq]``: a learned sink's probability per row (``attn`` rows then sum to
+    ``1 - sink``); needed for ``sink_logit_mass`` and in the entropy."""
     qp, kp = req.q_pos[:, None, :], req.k_pos[:, None, :]  # [B, 1, T]
     valid = ~torch.isnan(attn).any(-1)  # [B, Hq, Tq]
 
     rows: dict[str, torch.Tensor] = {}
     for name in req.row_metrics:
         if name == "entropy":
-            rows[name] = metrics.entropy(attn)
+            rows[name] = metrics.entropy(attn, sink)
+        elif name == "sink_logit_mass":
+            assert sink is not None  # build_request refuses the metric without sinks
+            rows[name] = sink
         elif name == "mean_distance":
             rows[name] = metrics.mean_distance(attn, qp, kp)
         elif name == "waad":

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from attnscope.errors import ShapeError
+from attnscope.errors import ShapeError, UnsupportedMetricError
 from attnscope.kernels.config import StatsConfig
-from attnscope.kernels.table import COL_METRICS, ROW_METRICS, SPAN_PREFIX, known_metrics
+from attnscope.kernels.table import SINK_METRICS, axis_of, known_metrics
+from attnscope.kernels.table import SPAN_PREFIX as SPAN_PREFIX  # re-exported for the backends
 
 
 @dataclass
@@ -36,6 +38,7 @@ class StatsRequest:
     softcap: float | None
     metrics: tuple[str, ...]
     config: StatsConfig = field(default_factory=StatsConfig)
+    sinks: Tensor | None = None  # [Hq] learned sink logits
 
     @property
     def groups(self) -> int:
@@ -46,11 +49,11 @@ class StatsRequest:
 
     @property
     def row_metrics(self) -> tuple[str, ...]:
-        return tuple(m for m in self.metrics if m in ROW_METRICS or m.startswith(SPAN_PREFIX))
+        return tuple(m for m in self.metrics if axis_of(m) == "row")
 
     @property
     def col_metrics(self) -> tuple[str, ...]:
-        return tuple(m for m in self.metrics if m in COL_METRICS)
+        return tuple(m for m in self.metrics if axis_of(m) == "col")
 
     def allowed(self, rows: slice, keys: slice = slice(None)) -> Tensor:
         """Which keys each query row may see. bool ``[B, 1|Hq, rows, keys]``."""
@@ -89,6 +92,21 @@ class StatsRequest:
             s = s + self.bias[:, :, rows, keys].to(dtype)
         return s
 
+    def with_sink(self, lse: Tensor) -> Tensor:
+        """Log-normaliser over the keys ``[B, Hq, r]`` -> over the keys and the learned sink
+        (a virtual key with logit ``sinks[h]``); rows that see no key stay -inf."""
+        if self.sinks is None:
+            return lse
+        sink = self.sinks.to(lse.dtype)[:, None]  # [Hq, 1]
+        return torch.where(torch.isfinite(lse), torch.logaddexp(lse, sink), lse)
+
+    def sink_probability(self, lse: Tensor) -> Tensor:
+        """The learned sink's probability per row ``[B, Hq, r]`` from the full log-normaliser
+        ``with_sink(...)``; NaN for rows that see no key. Needs ``sinks``."""
+        assert self.sinks is not None
+        p = torch.exp(self.sinks.to(lse.dtype)[:, None] - lse)  # [B, Hq, r]
+        return torch.where(torch.isfinite(lse), p, float("nan"))
+
 
 def build_request(
     q: Tensor,
@@ -102,11 +120,12 @@ def build_request(
     mask: Tensor | None = None,
     q_pos: Tensor | None = None,
     k_pos: Tensor | None = None,
+    sinks: Tensor | Sequence[float] | None = None,
     **shortcuts: Any,
 ) -> StatsRequest:
     """Check the inputs of one attention call and the statistics ``config`` (keyword
     ``shortcuts`` such as ``window=`` or ``metrics=`` override its fields); name the problem in
-    every error."""
+    every error. ``sinks`` ``[Hq]``: learned sink logits (gpt-oss), one per query head."""
     config = StatsConfig.build(config, **shortcuts)
     if isinstance(config.fai_rows, str):
         raise ValueError(
@@ -123,7 +142,17 @@ def build_request(
     if scale is not None and not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     _check_spans(config.spans, tk, defaults=k_pos is None)
-    requested = config.metrics if config.metrics is not None else known_metrics(config.span_names)
+    sink_logits = _sinks(sinks, hq, q.device)
+    has_sinks = sink_logits is not None
+    requested = config.metrics
+    if requested is None:
+        requested = known_metrics(config.span_names, sinks=has_sinks)
+    wanted = [m for m in requested if m in SINK_METRICS]
+    if wanted and not has_sinks:
+        raise UnsupportedMetricError(
+            f"{', '.join(wanted)} needs learned sink logits (sinks=[Hq], as in gpt-oss) and this "
+            "attention call has none: leave it out of metrics"
+        )
 
     key_valid, mask4, bias = _split_mask(mask, b, hq, tq, tk, q.device)
     kp = _positions(k_pos, b, tk, "k_pos", q.device)
@@ -155,6 +184,7 @@ def build_request(
         softcap=softcap,
         metrics=requested,
         config=config,
+        sinks=sink_logits,
     )
 
 
@@ -191,6 +221,22 @@ def _check_tensors(q: Tensor, k: Tensor) -> None:
         )
     _check_finite(q, "q")
     _check_finite(k, "k")
+
+
+def _sinks(sinks: Tensor | Sequence[float] | None, hq: int, device: torch.device) -> Tensor | None:
+    """Learned sink logits as a finite float tensor ``[Hq]`` on ``device``, or None."""
+    if sinks is None:
+        return None
+    s = torch.as_tensor(sinks, device=device).detach()
+    if not s.is_floating_point():
+        raise ShapeError(f"sinks must be floating point logits, got {s.dtype}")
+    if s.shape != (hq,):
+        raise ShapeError(
+            f"sinks must be [Hq] = [{hq}] learned sink logits, one per query head; "
+            f"got {tuple(s.shape)}"
+        )
+    _check_finite(s, "sinks")
+    return s
 
 
 def _check_finite(t: Tensor, name: str) -> None:

@@ -1,7 +1,8 @@
 """The metric table: one row per statistic, what it is per (row or column) and its definition.
 
 Backends declare which rows they serve (``attnscope.kernels.backends``); ``span_mass:NAME`` stands
-for one row metric per named span. Full definitions: docs/METRICS.md.
+for one row metric per named span, and ``sink_logit_mass`` exists only for attention calls with
+learned sink logits (gpt-oss). Full definitions: docs/METRICS.md.
 """
 
 from __future__ import annotations
@@ -22,18 +23,22 @@ class Metric:
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
-        Metric("entropy", "row", "-sum_s A[t,s] log A[t,s] (nats)"),
+        Metric("entropy", "row", "-sum_s A[t,s] log A[t,s] (nats), plus a learned sink's term"),
         Metric("mean_distance", "row", "sum_s A[t,s] (t - s)"),
         Metric("waad", "row", "sum_s A[t,s] min(t - s, W), W = window"),
         Metric("sink_mass", "row", "attention on the first sink_tokens positions"),
         Metric("max_attention", "row", "max_s A[t,s]"),
+        Metric("sink_logit_mass", "row", "exp(sink_h - lse_t): the learned sink's probability"),
         Metric("span_mass", "row", "attention on the positions of a named span [start, end)"),
         Metric("received", "col", "sum_t A[t,s] over valid rows"),
         Metric("fai", "col", "mean A[t,s] over rows t with lo <= t - s <= hi (fai_rows only)"),
         Metric("sink_score", "col", "mean A[t,s] over the rows that can see key s"),
     )
 }
-ROW_METRICS = tuple(n for n, m in METRICS.items() if m.axis == "row" and n != "span_mass")
+SINK_METRICS = ("sink_logit_mass",)  # only for calls with learned sinks
+ROW_METRICS = tuple(
+    n for n, m in METRICS.items() if m.axis == "row" and n not in ("span_mass", *SINK_METRICS)
+)
 COL_METRICS = tuple(n for n, m in METRICS.items() if m.axis == "col")
 
 
@@ -42,6 +47,13 @@ def base_name(metric: str) -> str:
     return "span_mass" if metric.startswith(SPAN_PREFIX) else metric
 
 
-def known_metrics(span_names: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """Every metric a request may name given its spans, in table order (``metrics=None``: all)."""
-    return ROW_METRICS + tuple(SPAN_PREFIX + n for n in span_names) + COL_METRICS
+def known_metrics(span_names: tuple[str, ...] = (), sinks: bool = True) -> tuple[str, ...]:
+    """Every metric a request may name given its spans and whether its attention has learned
+    sinks, in table order (``metrics=None``: all of them)."""
+    sink = SINK_METRICS if sinks else ()
+    return ROW_METRICS + sink + tuple(SPAN_PREFIX + n for n in span_names) + COL_METRICS
+
+
+def axis_of(metric: str) -> str:
+    """``row`` or ``col`` for a known metric name (``span_mass:NAME`` included)."""
+    return METRICS[base_name(metric)].axis

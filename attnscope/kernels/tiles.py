@@ -6,6 +6,8 @@ without ever holding more than ``rows x T`` scores.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -23,11 +25,13 @@ def row_probabilities(
     causal: bool = True,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: Tensor | Sequence[float] | None = None,
 ) -> Tensor:
     """Probabilities of the query rows at ``positions`` over all keys for one head.
 
-    q ``[Hq, T, D]``, k ``[Hkv, Tk, D]`` (one sequence, positions 0..T-1). ``[len(positions), Tk]``;
-    rows that see no key are all zeros.
+    q ``[Hq, T, D]``, k ``[Hkv, Tk, D]`` (one sequence, positions 0..T-1); ``sinks`` ``[Hq]``:
+    learned sink logits, in each row's normaliser (rows then sum to less than 1).
+    ``[len(positions), Tk]``; rows that see no key are all zeros.
     """
     if not 0 <= head < q.shape[0]:
         raise ShapeError(f"head {head} outside 0..{q.shape[0] - 1}")
@@ -41,11 +45,13 @@ def row_probabilities(
         softcap=softcap,
         q_pos=positions,
         k_pos=torch.arange(k.shape[1]),
+        sinks=None if sinks is None else torch.as_tensor(sinks)[head : head + 1],
         metrics=[],
     )
     everything = slice(None)
     s = req.scores(everything).masked_fill(~req.allowed(everything), float("-inf"))
-    return torch.softmax(s, -1)[0, 0].nan_to_num()
+    lse = req.with_sink(torch.logsumexp(s, -1))  # [1, 1, r]
+    return torch.exp(s - lse[..., None])[0, 0].nan_to_num()
 
 
 def attention_tile(
@@ -59,10 +65,12 @@ def attention_tile(
     causal: bool = True,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: Tensor | Sequence[float] | None = None,
     pool: int = 1,
 ) -> Tensor:
     """Probabilities of query rows ``[r0, r1)`` over keys ``[c0, c1)`` for one head, normalised
-    over all keys each row sees, then mean-pooled in ``pool x pool`` blocks.
+    over all keys each row sees (and the learned sink, with ``sinks`` ``[Hq]``), then mean-pooled
+    in ``pool x pool`` blocks.
 
     q ``[Hq, T, D]``, k ``[Hkv, T, D]`` (one sequence, positions 0..T-1). Returns
     ``[ceil((r1-r0)/pool), ceil((c1-c0)/pool)]`` float32.
@@ -82,6 +90,7 @@ def attention_tile(
         causal=causal,
         sliding_window=sliding_window,
         softcap=softcap,
+        sinks=sinks,
     )[:, c0:c1]  # [r, c]
     if pool == 1:
         return probs

@@ -3,82 +3,160 @@
 Two launches: a query-major pass (FlashAttention forward without P @ V) producing every row
 statistic and the log-normaliser ``lse``; then, only if column statistics are requested, a
 key-major pass that loads each key tile once and walks the query tiles that can see it, with
-``p = exp(s - lse_t)``. Deterministic, no atomics. Runs on CUDA, or on the CPU under
-``TRITON_INTERPRET=1`` (tests).
+``p = exp(s - lse_t)``. Deterministic, no atomics.
+
+- The query heads of a KV group share a tile (``launch.TileConfig.heads``): row ``r`` of a tile
+  is head ``r // BLOCK_T`` of the group's chunk at position ``t0 + r % BLOCK_T``.
+- Scores are in log2 units (the scale and log2(e) folded into one multiply, ``exp2``).
+- The host gives each query the key index range it may see and the range it sees entirely (and
+  each key the same for queries); only tiles outside the entirely seen range evaluate masks
+  (causal diagonal, sliding window, padding, full masks, the ragged end). Masked scores are a
+  finite ``NEG``, so ``exp2`` gives 0 without ``inf - inf``.
+- Learned sinks (gpt-oss) start each row's running state as one virtual key: ``m = sink``,
+  ``l = 1``, ``u = 0``.
+
+Runs on CUDA, autotuned over the candidates of ``launch`` per head dim, or on the CPU under
+``TRITON_INTERPRET=1`` (tests) with the interpreter's fixed configuration.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from attnscope.kernels.launch import Kind, TileConfig, block_d, candidates, size_class
 from attnscope.kernels.request import SPAN_PREFIX, StatsRequest
 from attnscope.kernels.stats import AttentionStats
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_SPANS = 15  # plus the sink span, in a 16-wide indicator tile
-NO_LIMIT = 2**62
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+NEG: tl.constexpr = tl.constexpr(-1.0e30)  # a masked score (log2 units)
+FAR: tl.constexpr = tl.constexpr(2**62)  # beyond any position
+NO_REACH = 2**40  # further than any distance (host side)
 
 
 @triton.jit
-def _scores(q, k_ptrs, kv_ok, d_ok, scale, softcap, HAS_SOFTCAP: tl.constexpr, CAST: tl.constexpr):
-    """Scaled (and soft-capped) fp32 scores of a query tile against one key tile. [M, N]."""
-    k = tl.load(k_ptrs, mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+def _group(pid, Hkv, groups, GP: tl.constexpr):
+    """Batch, KV head and chunk of ``GP`` query heads of program ``pid`` (grid axis 1)."""
+    n_chunks = tl.cdiv(groups, GP)
+    bk = pid // n_chunks
+    return (bk // Hkv).to(tl.int64), (bk % Hkv).to(tl.int64), pid % n_chunks
+
+
+@triton.jit
+def _rows(t0, chunk, hk, groups, T, BLOCK_T: tl.constexpr, GP: tl.constexpr):
+    """Positions, query heads and validity of the ``GP * BLOCK_T`` rows of a packed tile."""
+    r = tl.arange(0, GP * BLOCK_T)
+    g = chunk * GP + r // BLOCK_T
+    t = t0 + r % BLOCK_T
+    return t, hk * groups + g, (t < T) & (g < groups)
+
+
+@triton.jit
+def _load(X, offsets, ok, D: tl.constexpr, BLOCK_D: tl.constexpr, CAST: tl.constexpr):
+    """Rows ``X + offsets`` [R] of D elements, zero-padded to BLOCK_D. [R, BLOCK_D]."""
+    d = tl.arange(0, BLOCK_D)
+    x = tl.load(X + offsets[:, None] + d[None, :], mask=ok[:, None] & (d[None, :] < D), other=0.0)
     if CAST:
-        k = k.to(tl.float32)
-    if CAST:  # fp32 inputs: full-precision dot (no tf32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-    else:
-        s = tl.dot(q, tl.trans(k)) * scale
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _scores(a, b, scale, softcap, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """Scaled (and soft-capped) scores ``a b^T`` of two tiles [A, D] and [B, D] in log2 units
+    (rows of queries against keys, or of keys against queries). [A, B]."""
+    s = tl.dot(a, tl.trans(b), input_precision=PRECISION)
     if HAS_SOFTCAP:  # softcap * tanh(s / softcap), tanh from exp (no libdevice in the interpreter)
-        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+        s = s * scale
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * LOG2E
+    else:
+        s = s * (scale * LOG2E)
     return s
 
 
 @triton.jit
-def _allowed(
-    qp,
-    kp,
-    row_ok,
-    col_ok,
-    rows,
+def _tile_range(
+    RANGE, b, i0, n, n_other, BLOCK: tl.constexpr, STEP: tl.constexpr, ALIGN32: tl.constexpr
+):
+    """Index range [lo, hi) of the other axis that the BLOCK entries from ``i0`` may see, and the
+    tile starts [first, last) (steps of STEP from lo) inside the range all of them see entirely.
+    ``RANGE`` is int32 [B, n, 4]: lo, hi, entirely-seen lo, entirely-seen hi per entry. With
+    ALIGN32, lo is a multiple of 32 (tiles of the other axis start on a mask word)."""
+    i = i0 + tl.arange(0, BLOCK)
+    ok = i < n
+    ptr = RANGE + (b * n + i) * 4
+    lo = tl.min(tl.load(ptr, mask=ok, other=n_other), 0)
+    if ALIGN32:
+        lo = lo // 32 * 32
+    hi = tl.max(tl.load(ptr + 1, mask=ok, other=0), 0)
+    in_lo = tl.max(tl.load(ptr + 2, mask=ok, other=0), 0)
+    in_hi = tl.min(tl.load(ptr + 3, mask=ok, other=n_other), 0)
+    first = lo + tl.cdiv(tl.maximum(in_lo - lo, 0), STEP) * STEP
+    last = first + tl.maximum(in_hi - first, 0) // STEP * STEP
+    return lo, hi, first, last
+
+
+@triton.jit
+def _visible(
+    ok,
+    dist,
+    start,
     cols,
-    b,
-    h,
-    kvalid_ptr,
-    mask_ptr,
-    Tk,
+    col_ok,
+    mask_rows,
+    KVALID,
+    MASK,
+    n_words,
     sliding,
-    stride_mb,
-    stride_mh,
-    stride_mq,
     CAUSAL: tl.constexpr,
     HAS_SLIDING: tl.constexpr,
     HAS_KVALID: tl.constexpr,
     HAS_MASK: tl.constexpr,
-    MASK_PER_HEAD: tl.constexpr,
+    KEYS_FIRST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """Which (query, key) pairs of the tile are visible. bool [M, N]."""
-    ok = row_ok[:, None] & col_ok[None, :]
+    """Which (query, key) pairs of a tile are visible: ``ok`` the pairs of real rows and keys,
+    ``dist`` q_pos - k_pos (fp32, exact), both [rows, keys], or [keys, rows] with KEYS_FIRST.
+    Keys ``cols`` [N] from ``start``; ``KVALID`` the batch row's padding flags; ``mask_rows``
+    [R] where each row's bit words start in ``MASK`` (``-1``: no row). Only 1-D loads."""
     if CAUSAL:
-        ok = ok & (kp[None, :] <= qp[:, None])
+        ok = ok & (dist >= 0)
     if HAS_SLIDING:
-        ok = ok & ((qp[:, None] - kp[None, :]) < sliding)
+        ok = ok & (dist < sliding)
     if HAS_KVALID:
-        kv = tl.load(kvalid_ptr + b * Tk + cols, mask=col_ok, other=0)
-        ok = ok & (kv[None, :] != 0)
-    if HAS_MASK:
-        head = h if MASK_PER_HEAD else 0
-        mk = tl.load(
-            mask_ptr + b * stride_mb + head * stride_mh + rows[:, None] * stride_mq + cols[None, :],
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0,
-        )
-        ok = ok & (mk != 0)
+        kv = tl.load(KVALID + cols, mask=col_ok, other=0) != 0
+        ok = ok & (kv[:, None] if KEYS_FIRST else kv[None, :])
+    if HAS_MASK:  # a tile spans W words of 32 keys from word0 (tiles start at multiples of 32)
+        W: tl.constexpr = (BLOCK_N + 31) // 32
+        word0 = start // 32
+        word = cols // 32 - word0
+        shift = cols % 32
+        bits = tl.zeros_like(dist).to(tl.int32)
+        for j in tl.static_range(W):  # words past the row's last hold keys past Tk: not col_ok
+            w_idx = tl.minimum(word0 + j, n_words - 1)
+            w = tl.load(MASK + mask_rows + w_idx, mask=mask_rows >= 0, other=0)
+            if KEYS_FIRST:
+                bits = tl.where((word == j)[:, None], w[None, :], bits)
+            else:
+                bits = tl.where((word == j)[None, :], w[:, None], bits)
+        ok = ok & (((bits >> (shift[:, None] if KEYS_FIRST else shift[None, :])) & 1) != 0)
     return ok
+
+
+@triton.jit
+def _per_head(x, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sums over the rows of each query head of a transposed packed tile [N, GP * BLOCK_T]:
+    one column sum per key and head. [N, GP]."""
+    return tl.sum(tl.reshape(x, [BLOCK_N, GP, BLOCK_T]), 2)
 
 
 @triton.jit
@@ -92,11 +170,13 @@ def _row_kernel(
     SPAN_LO,
     SPAN_HI,
     KRANGE,
+    SINKS,
     ENT,
     DIST,
     WAAD,
     MAXA,
     SPANS,
+    SINKP,
     LSE,
     stride_qb,
     stride_qh,
@@ -107,19 +187,17 @@ def _row_kernel(
     stride_mb,
     stride_mh,
     stride_mq,
-    Hq,
+    Hkv,
     Tq,
     Tk,
-    D,
     groups,
-    n_qtiles,
     scale,
     softcap,
     sliding,
     window,
     n_spans,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    n_words,
+    D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NS: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -127,98 +205,133 @@ def _row_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_KVALID: tl.constexpr,
     HAS_MASK: tl.constexpr,
-    MASK_PER_HEAD: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     CAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GP: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    hk = h // groups
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Tq
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qt + d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
+    BLOCK_T: tl.constexpr = BLOCK_M // GP
+    t0 = tl.program_id(0) * BLOCK_T
+    b, hk, chunk = _group(tl.program_id(1), Hkv, groups, GP)
+    t, h, row_ok = _rows(t0, chunk, hk, groups, Tq, BLOCK_T, GP)
+    q = _load(
+        Q, b * stride_qb + h * stride_qh + t.to(tl.int64) * stride_qt, row_ok, D, BLOCK_D, CAST
     )
-    if CAST:
-        q = q.to(tl.float32)
-    qp = tl.load(QPOS + b * Tq + rows, mask=row_ok, other=0)
+    qp = tl.load(QPOS + b * Tq + t, mask=row_ok, other=0)
+    qp0 = tl.min(tl.where(row_ok, qp, FAR), 0)  # distances relative to it are exact in fp32
+    qp_rel = (qp - qp0).to(tl.float32)
+    lo, hi, first, last = _tile_range(KRANGE, b, t0, Tq, Tk, BLOCK_T, BLOCK_N, HAS_MASK)
     ns = tl.arange(0, NS)
-    span_lo = tl.load(SPAN_LO + ns, mask=ns < n_spans, other=0)
-    span_hi = tl.load(SPAN_HI + ns, mask=ns < n_spans, other=0)
+    ns_ok = ns < n_spans
+    span_lo = tl.load(SPAN_LO + ns, mask=ns_ok, other=FAR)
+    span_hi = tl.load(SPAN_HI + ns, mask=ns_ok, other=-FAR)
 
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_sum = tl.zeros([BLOCK_M], tl.float32)
+    # running state per row (log2 units): max m, normaliser l, u = sum p (s - m), sums of
+    # p * k_pos, of p * (W - clamp(t - s, 0, W)) and of p over each span
+    if HAS_SINKS:  # the sink is a virtual key: m = sink, l = 1, u = 0; l_keys counts keys only
+        sink = tl.load(SINKS + h, mask=row_ok, other=0.0) * LOG2E
+        m = sink
+        l_sum = tl.full([BLOCK_M], 1.0, tl.float32)
+        l_keys = tl.zeros([BLOCK_M], tl.float32)
+        m_keys = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    else:
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_sum = tl.zeros([BLOCK_M], tl.float32)
     u = tl.zeros([BLOCK_M], tl.float32)
-    x_dist = tl.zeros([BLOCK_M], tl.float32)
-    x_waad = tl.zeros([BLOCK_M], tl.float32)
+    x_kp = tl.zeros([BLOCK_M], tl.float32)
+    x_near = tl.zeros([BLOCK_M], tl.float32)
     x_span = tl.zeros([BLOCK_M, NS], tl.float32)
-    k_lo = tl.load(KRANGE + (b * n_qtiles + pid_m) * 2)
-    k_hi = tl.load(KRANGE + (b * n_qtiles + pid_m) * 2 + 1)
-    for start in range(k_lo, k_hi, BLOCK_N):
+    k_base = K + b * stride_kb + hk * stride_kh
+    mask_rows = tl.where(row_ok, b * stride_mb + h * stride_mh + t.to(tl.int64) * stride_mq, -1)
+    for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < k_hi
-        k_ptrs = (
-            K + b * stride_kb + hk * stride_kh + cols[:, None].to(tl.int64) * stride_kt + d[None, :]
-        )
-        s = _scores(q, k_ptrs, col_ok, d_ok, scale, softcap, HAS_SOFTCAP, CAST)
+        col_ok = cols < Tk
+        k = _load(k_base, cols.to(tl.int64) * stride_kt, col_ok, D, BLOCK_D, CAST)
+        s = _scores(q, k, scale, softcap, HAS_SOFTCAP, PRECISION)
         kp = tl.load(KPOS + b * Tk + cols, mask=col_ok, other=0)
-        ok = _allowed(
-            qp,
-            kp,
-            row_ok,
-            col_ok,
-            rows,
-            cols,
-            b,
-            h,
-            KVALID,
-            MASK,
-            Tk,
-            sliding,
-            stride_mb,
-            stride_mh,
-            stride_mq,
-            CAUSAL,
-            HAS_SLIDING,
-            HAS_KVALID,
-            HAS_MASK,
-            MASK_PER_HEAD,
-        )
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        rel = tl.where(ok, s - m_safe[:, None], 0.0)
-        dist = (qp[:, None] - kp[None, :]).to(tl.float32)
+        kp_rel = (kp - qp0).to(tl.float32)
+        if (start < first) | (start >= last):  # the tile crosses a boundary: mask it
+            ok = _visible(
+                row_ok[:, None] & col_ok[None, :],
+                qp_rel[:, None] - kp_rel[None, :],
+                start,
+                cols,
+                col_ok,
+                mask_rows,
+                KVALID + b * Tk,
+                MASK,
+                n_words,
+                sliding,
+                CAUSAL,
+                HAS_SLIDING,
+                HAS_KVALID,
+                HAS_MASK,
+                False,
+                BLOCK_N,
+            )
+            s = tl.where(ok, s, NEG)
+        m_tile = tl.max(s, 1)
+        m_new = tl.maximum(m, m_tile)
+        m_safe = tl.where(m_new > NEG, m_new, 0.0)  # rows that have seen no key yet
+        alpha = tl.exp2(m - m_safe)
+        rel = s - m_safe[:, None]
+        p = tl.exp2(rel)
+        p_sum = tl.sum(p, 1)
         shift = tl.where(l_sum > 0, m - m_safe, 0.0)  # no 0 * -inf before the first key
         u = alpha * (u + l_sum * shift) + tl.sum(p * rel, 1)
-        l_sum = alpha * l_sum + tl.sum(p, 1)
-        x_dist = alpha * x_dist + tl.sum(p * dist, 1)
-        x_waad = alpha * x_waad + tl.sum(p * tl.minimum(tl.maximum(dist, 0.0), window), 1)
-        inside = (kp[:, None] >= span_lo[None, :]) & (kp[:, None] < span_hi[None, :])
-        x_span = alpha[:, None] * x_span + tl.dot(p, inside.to(tl.float32), input_precision="ieee")
+        l_sum = alpha * l_sum + p_sum
+        x_kp = alpha * x_kp + tl.sum(p * kp_rel[None, :], 1)
+        if HAS_SINKS:
+            l_keys = alpha * l_keys + p_sum
+            m_keys = tl.maximum(m_keys, m_tile)
+        if tl.max(tl.where(col_ok, kp_rel, -window), 0) > -window:  # some key within W
+            near = window - tl.minimum(tl.maximum(qp_rel[:, None] - kp_rel[None, :], 0.0), window)
+            x_near = alpha * x_near + tl.sum(p * near, 1)
+        else:
+            x_near = alpha * x_near
+        kp_lo = tl.min(tl.where(col_ok, kp, FAR), 0)
+        kp_hi = tl.max(tl.where(col_ok, kp, -FAR), 0)
+        if tl.max(((span_lo <= kp_hi) & (span_hi > kp_lo)).to(tl.int32), 0) > 0:
+            if NS == 1:  # the sink span alone: a masked row sum
+                inside = (kp >= tl.load(SPAN_LO)) & (kp < tl.load(SPAN_HI))
+                x_span = (
+                    alpha[:, None] * x_span + tl.sum(tl.where(inside[None, :], p, 0.0), 1)[:, None]
+                )
+            else:  # tf32 on half inputs: 0/1 indicators are exact, p to 2^-11 relative
+                inside = (kp[:, None] >= span_lo[None, :]) & (kp[:, None] < span_hi[None, :])
+                x_span = alpha[:, None] * x_span + tl.dot(
+                    p, inside.to(tl.float32), input_precision=PRECISION
+                )
+        else:
+            x_span = alpha[:, None] * x_span
         m = m_new
 
-    valid = l_sum > 0
+    if HAS_SINKS:
+        valid = m_keys > NEG  # rows that see no key stay NaN, lse -inf, even with a sink
+    else:
+        valid = m > NEG
+        l_keys = l_sum
     safe_l = tl.where(valid, l_sum, 1.0)
+    log_l = tl.log2(safe_l)
+    lse2 = m + log_l
     nan = float("nan")
-    out = bh.to(tl.int64) * Tq + rows
-    tl.store(LSE + out, tl.where(valid, m + tl.log(safe_l), float("-inf")), mask=row_ok)
-    tl.store(ENT + out, tl.where(valid, tl.log(safe_l) - u / safe_l, nan), mask=row_ok)
-    tl.store(DIST + out, tl.where(valid, x_dist / safe_l, nan), mask=row_ok)
-    tl.store(WAAD + out, tl.where(valid, x_waad / safe_l, nan), mask=row_ok)
-    tl.store(MAXA + out, tl.where(valid, 1.0 / safe_l, nan), mask=row_ok)
-    span_out = SPANS + (bh.to(tl.int64) * NS + ns[None, :]) * Tq + rows[:, None]
+    out = (b * Hkv * groups + h) * Tq + t
+    tl.store(LSE + out, tl.where(valid, lse2 * LN2, float("-inf")), mask=row_ok)
+    tl.store(ENT + out, tl.where(valid, (log_l - u / safe_l) * LN2, nan), mask=row_ok)
+    tl.store(DIST + out, tl.where(valid, (qp_rel * l_keys - x_kp) / safe_l, nan), mask=row_ok)
+    tl.store(WAAD + out, tl.where(valid, (window * l_keys - x_near) / safe_l, nan), mask=row_ok)
+    if HAS_SINKS:
+        tl.store(MAXA + out, tl.where(valid, tl.exp2(m_keys - lse2), nan), mask=row_ok)
+        tl.store(SINKP + out, tl.where(valid, tl.exp2(sink - lse2), nan), mask=row_ok)
+    else:
+        tl.store(MAXA + out, tl.where(valid, 1.0 / safe_l, nan), mask=row_ok)
+    span_out = SPANS + ((b * Hkv * groups + h)[:, None] * NS + ns[None, :]) * Tq + t[:, None]
     tl.store(
         span_out,
         tl.where(valid[:, None], x_span / safe_l[:, None], nan),
-        mask=row_ok[:, None] & (ns[None, :] < n_spans),
+        mask=row_ok[:, None] & ns_ok[None, :],
     )
 
 
@@ -245,12 +358,10 @@ def _col_kernel(
     stride_mb,
     stride_mh,
     stride_mq,
-    Hq,
+    Hkv,
     Tq,
     Tk,
-    D,
     groups,
-    n_ktiles,
     scale,
     softcap,
     sliding,
@@ -258,86 +369,165 @@ def _col_kernel(
     fai_hi,
     rows_lo,
     rows_hi,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    n_words,
+    D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_SLIDING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_KVALID: tl.constexpr,
     HAS_MASK: tl.constexpr,
-    MASK_PER_HEAD: tl.constexpr,
+    HAS_FAI: tl.constexpr,
     CAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GP: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    hk = h // groups
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # transposed tiles [keys, rows]: the key tile is the dot's first operand, staged once; query
+    # tiles stream as the second (as in FlashAttention's backward pass). Keys first keeps the
+    # compiler from re-staging the key tile in shared memory on every step.
+    BLOCK_T: tl.constexpr = BLOCK_M // GP
+    c0 = tl.program_id(0) * BLOCK_N
+    b, hk, chunk = _group(tl.program_id(1), Hkv, groups, GP)
+    cols = c0 + tl.arange(0, BLOCK_N)
     col_ok = cols < Tk
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    k_ptrs = (
-        K + b * stride_kb + hk * stride_kh + cols[:, None].to(tl.int64) * stride_kt + d[None, :]
-    )
+    k_offsets = b * stride_kb + hk * stride_kh + cols.to(tl.int64) * stride_kt
+    k = _load(K, k_offsets, col_ok, D, BLOCK_D, CAST)
     kp = tl.load(KPOS + b * Tk + cols, mask=col_ok, other=0)
-    recv = tl.zeros([BLOCK_N], tl.float32)
-    fai_sum = tl.zeros([BLOCK_N], tl.float32)
-    fai_cnt = tl.zeros([BLOCK_N], tl.float32)
-    vis_cnt = tl.zeros([BLOCK_N], tl.float32)
-    r_lo = tl.load(QRANGE + (b * n_ktiles + pid_n) * 2)
-    r_hi = tl.load(QRANGE + (b * n_ktiles + pid_n) * 2 + 1)
-    for start in range(r_lo, r_hi, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < r_hi
-        q = tl.load(
-            Q + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qt + d[None, :],
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        if CAST:
-            q = q.to(tl.float32)
-        qp = tl.load(QPOS + b * Tq + rows, mask=row_ok, other=0)
-        lse = tl.load(LSE + bh.to(tl.int64) * Tq + rows, mask=row_ok, other=float("-inf"))
+    kp0 = tl.min(tl.where(col_ok, kp, FAR), 0)  # distances relative to it are exact in fp32
+    kp_rel = (kp - kp0).to(tl.float32)
+    kp_top = tl.max(tl.where(col_ok, kp_rel, 0.0), 0)
+    lo, hi, first, last = _tile_range(QRANGE, b, c0, Tk, Tq, BLOCK_N, BLOCK_T, False)
+    recv = tl.zeros([BLOCK_N, GP], tl.float32)
+    vis_cnt = tl.zeros([BLOCK_N, GP], tl.float32)
+    fai_sum = tl.zeros([BLOCK_N, GP], tl.float32)
+    fai_cnt = tl.zeros([BLOCK_N, GP], tl.float32)
+    for start in range(lo, hi, BLOCK_T):
+        t, h, row_ok = _rows(start, chunk, hk, groups, Tq, BLOCK_T, GP)
+        q_offsets = b * stride_qb + h * stride_qh + t.to(tl.int64) * stride_qt
+        q = _load(Q, q_offsets, row_ok, D, BLOCK_D, CAST)
+        qp = tl.load(QPOS + b * Tq + t, mask=row_ok, other=0)
+        qp_rel = (qp - kp0).to(tl.float32)
+        lse = tl.load(LSE + (b * Hkv * groups + h) * Tq + t, mask=row_ok, other=float("-inf"))
         row_valid = row_ok & (lse > float("-inf"))
-        s = _scores(q, k_ptrs, col_ok, d_ok, scale, softcap, HAS_SOFTCAP, CAST)
-        ok = _allowed(
-            qp,
-            kp,
-            row_ok,
-            col_ok,
-            rows,
-            cols,
-            b,
-            h,
-            KVALID,
-            MASK,
-            Tk,
-            sliding,
-            stride_mb,
-            stride_mh,
-            stride_mq,
-            CAUSAL,
-            HAS_SLIDING,
-            HAS_KVALID,
-            HAS_MASK,
-            MASK_PER_HEAD,
+        lse2 = tl.where(row_valid, lse * LOG2E, float("inf"))  # invalid rows: p = 0
+        s = _scores(k, q, scale, softcap, HAS_SOFTCAP, PRECISION)  # [N, M]
+        if (start < first) | (start >= last):  # the tile crosses a boundary: mask it
+            mask_rows = b * stride_mb + h * stride_mh + t.to(tl.int64) * stride_mq
+            ok = _visible(
+                col_ok[:, None] & row_valid[None, :],
+                qp_rel[None, :] - kp_rel[:, None],
+                c0,
+                cols,
+                col_ok,
+                tl.where(row_valid, mask_rows, -1),
+                KVALID + b * Tk,
+                MASK,
+                n_words,
+                sliding,
+                CAUSAL,
+                HAS_SLIDING,
+                HAS_KVALID,
+                HAS_MASK,
+                True,
+                BLOCK_N,
+            )
+            s = tl.where(ok, s, NEG)
+            vis_cnt += _per_head(ok.to(tl.float32), GP, BLOCK_T, BLOCK_N)
+        else:
+            seen = tl.sum(tl.reshape(row_valid.to(tl.float32), [GP, BLOCK_T]), 1)
+            vis_cnt += seen[None, :]
+        p = tl.exp2(s - lse2[None, :])
+        recv += _per_head(p, GP, BLOCK_T, BLOCK_N)
+        if HAS_FAI:
+            counted = row_valid & (qp >= rows_lo) & (qp < rows_hi)
+            q_lo = tl.min(tl.where(counted, qp_rel, float("inf")), 0)
+            q_hi = tl.max(tl.where(counted, qp_rel, float("-inf")), 0)
+            if (q_hi >= fai_lo) & (q_lo - kp_top <= fai_hi):  # some pair within the horizon
+                dist = qp_rel[None, :] - kp_rel[:, None]
+                sel = (dist >= fai_lo) & (dist <= fai_hi) & counted[None, :]
+                fai_sum += _per_head(tl.where(sel, p, 0.0), GP, BLOCK_T, BLOCK_N)
+                fai_cnt += _per_head(sel.to(tl.float32), GP, BLOCK_T, BLOCK_N)
+    g = chunk * GP + tl.arange(0, GP)
+    out = (b * Hkv * groups + hk * groups + g)[None, :] * Tk + cols[:, None]
+    ok = col_ok[:, None] & (g < groups)[None, :]
+    tl.store(RECV + out, recv, mask=ok)
+    tl.store(VIS_CNT + out, vis_cnt, mask=ok)
+    if HAS_FAI:
+        tl.store(FAI_SUM + out, fai_sum, mask=ok)
+        tl.store(FAI_CNT + out, fai_cnt, mask=ok)
+
+
+KERNELS = {"row": _row_kernel, "col": _col_kernel}
+
+
+@dataclass
+class Launch:
+    """One kernel launch but its tile configuration, which the autotuner (CUDA), the interpreter
+    (first candidate) or the compile check (every candidate) supplies."""
+
+    kind: Kind
+    args: tuple[Any, ...]  # positional runtime arguments
+    flags: dict[str, Any]  # constexpr arguments that do not depend on the tile configuration
+    length: int  # Tq (row pass) or Tk (column pass): grid axis 0
+    kv_programs: int  # B * Hkv
+    groups: int  # query heads per KV head
+    head_dim: int
+    configs: tuple[TileConfig, ...]  # candidates (``launch.candidates``); the first is the default
+
+    @property
+    def kernel(self) -> Any:
+        return KERNELS[self.kind]
+
+    def constexprs(self, cfg: TileConfig) -> dict[str, Any]:
+        tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GP=cfg.heads(self.groups))
+        return {**self.flags, **tile}
+
+    def grid(self, meta: dict[str, Any]) -> tuple[int, int]:
+        """Programs for the tile sizes in ``meta`` (BLOCK_M, BLOCK_N, GP)."""
+        per_tile = meta["BLOCK_M"] // meta["GP"] if self.kind == "row" else meta["BLOCK_N"]
+        chunks = triton.cdiv(self.groups, meta["GP"])
+        return triton.cdiv(self.length, per_tile), self.kv_programs * chunks
+
+    def run(self) -> None:
+        if INTERPRET:  # no autotuning in the interpreter: the fixed configuration
+            cfg = self.configs[0]
+            const = self.constexprs(cfg)
+            self.kernel[self.grid(const)](*self.args, **const)
+        else:
+            size = size_class(self.length)
+            tuned = _autotuned(self.kind, self.configs, self.groups, size, tuple(self.flags))
+            tuned[self.grid](*self.args, **self.flags)
+
+
+@functools.cache
+def _autotuned(
+    kind: Kind, configs: tuple[TileConfig, ...], groups: int, size: int, flags: tuple[str, ...]
+) -> Any:
+    """The kernel autotuned over ``configs`` (CUDA only): one tuner per group size and length
+    class (``size``, only part of the cache key), choosing per constexpr ``flags`` and dtypes."""
+    del size
+    tile_configs = [
+        triton.Config(
+            dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GP=c.heads(groups)),
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
         )
-        ok = ok & row_valid[:, None]
-        p = tl.where(ok, tl.exp(s - tl.where(row_valid, lse, 0.0)[:, None]), 0.0)
-        recv += tl.sum(p, 0)
-        vis_cnt += tl.sum(ok.to(tl.float32), 0)
-        dist = qp[:, None] - kp[None, :]
-        in_rows = row_valid & (qp >= rows_lo) & (qp < rows_hi)
-        sel = (dist >= fai_lo) & (dist <= fai_hi) & in_rows[:, None] & col_ok[None, :]
-        fai_sum += tl.sum(tl.where(sel, p, 0.0), 0)
-        fai_cnt += tl.sum(sel.to(tl.float32), 0)
-    out = bh.to(tl.int64) * Tk + cols
-    tl.store(RECV + out, recv, mask=col_ok)
-    tl.store(FAI_SUM + out, fai_sum, mask=col_ok)
-    tl.store(FAI_CNT + out, fai_cnt, mask=col_ok)
-    tl.store(VIS_CNT + out, vis_cnt, mask=col_ok)
+        for c in configs
+    ]
+    return triton.autotune(tile_configs, key=list(flags))(KERNELS[kind])
+
+
+@dataclass
+class Plan:
+    """The launches of one request and the buffers they fill."""
+
+    launches: list[Launch]
+    rows: dict[str, torch.Tensor]
+    col_sums: dict[str, torch.Tensor]
+    col_counts: dict[str, torch.Tensor]
+    lse: torch.Tensor
 
 
 def _alloc(*shape: int, device: torch.device) -> torch.Tensor:
@@ -345,183 +535,177 @@ def _alloc(*shape: int, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=torch.float32)
 
 
-def _tile_ranges(
-    sorted_pos: torch.Tensor, lo_pos: torch.Tensor, hi_pos: torch.Tensor
-) -> torch.Tensor:
-    """Index ranges [lo, hi) of ``sorted_pos`` [B, T] holding positions in [lo_pos, hi_pos]
-    for each tile; lo_pos and hi_pos are [B, n_tiles]. Returns int64 [B, n_tiles, 2]."""
-    lo = torch.searchsorted(sorted_pos, lo_pos)
-    hi = torch.searchsorted(sorted_pos, hi_pos, right=True)
-    return torch.stack([lo, torch.maximum(lo, hi)], -1).to(torch.int64).contiguous()
+def _mask_words(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask ``[B, 1|Hq, Tq, Tk]`` as int32 words of 32 keys (bit j of word w: key
+    32 w + j), so kernels read one word per row and key tile. ``[B, 1|Hq, Tq, ceil(Tk / 32)]``."""
+    b, h, tq, tk = mask.shape
+    m = torch.nn.functional.pad(mask.to(torch.uint8), (0, -tk % 32)).view(b, h, tq, -1, 8)
+    weights = 1 << torch.arange(8, device=mask.device, dtype=torch.uint8)
+    return (m * weights).sum(-1).to(torch.uint8).view(torch.int32)  # little-endian bytes
 
 
-def _tile_bounds(pos: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smallest and largest position in each tile of ``pos`` [B, T]. [B, n_tiles] each."""
-    b, t = pos.shape
-    pad = triton.cdiv(t, block) * block - t
-    low = torch.nn.functional.pad(pos, (0, pad), value=NO_LIMIT).view(b, -1, block)
-    high = torch.nn.functional.pad(pos, (0, pad), value=-NO_LIMIT).view(b, -1, block)
-    return low.amin(-1), high.amax(-1)
+def _is_sorted(pos: torch.Tensor) -> bool:
+    """Positions [B, T] non-decreasing along T (then index ranges follow from searchsorted)."""
+    return pos.shape[1] <= 1 or bool((pos[:, 1:] >= pos[:, :-1]).all())
 
 
-def triton_stats(req: StatsRequest) -> AttentionStats:
-    """The ``triton`` backend of ``attention_stats`` (what it serves: ``kernels.backends``)."""
-    q, k = req.q.contiguous(), req.k.contiguous()
+def _ranges(lo: torch.Tensor, hi: torch.Tensor, in_lo: torch.Tensor, in_hi: torch.Tensor):
+    """Stack per-entry ranges [lo, hi) and entirely seen [in_lo, in_hi) as int32 [B, T, 4]."""
+    hi = torch.maximum(lo, hi)
+    in_hi = torch.minimum(torch.maximum(in_lo, in_hi), hi)
+    return torch.stack([lo, hi, torch.minimum(in_lo, in_hi), in_hi], -1).to(torch.int32)
+
+
+def _key_ranges(req: StatsRequest) -> torch.Tensor:
+    """Per query: the keys it may see and the keys it sees all of (no mask needed there).
+    int32 [B, Tq, 4]. Unsorted key positions or a full mask: masks decide everywhere."""
+    qp, kp = req.q_pos, req.k_pos
+    tk = kp.shape[1]
+    every = torch.full_like(qp, tk)
+    if not _is_sorted(kp):
+        return _ranges(torch.zeros_like(qp), every, every, every)
+    lo = torch.zeros_like(qp)
+    if req.sliding_window is not None:
+        lo = torch.searchsorted(kp, qp - req.sliding_window + 1)
+    hi = torch.searchsorted(kp, qp, right=True) if req.causal else every
+    in_lo = lo
+    if req.key_valid is not None:  # entirely seen: after the last padding key below hi
+        idx = torch.arange(tk, device=kp.device).expand_as(kp)
+        last_pad = torch.where(req.key_valid, -1, idx).cummax(-1).values  # [B, Tk]
+        in_lo = torch.maximum(lo, last_pad.gather(1, (hi - 1).clamp_min(0)) + 1)
+    return _ranges(lo, hi, in_lo, lo if req.mask is not None else hi)
+
+
+def _query_ranges(req: StatsRequest) -> torch.Tensor:
+    """Per key: the queries that may see it or count for its FAI, and those that see it all
+    (no mask needed there). int32 [B, Tk, 4]. Unsorted query positions: masks decide."""
+    qp, kp = req.q_pos, req.k_pos
+    tq = qp.shape[1]
+    every = torch.full_like(kp, tq)
+    if not _is_sorted(qp):
+        return _ranges(torch.zeros_like(kp), every, every, every)
+    lo = torch.searchsorted(qp, kp) if req.causal else torch.zeros_like(kp)
+    hi = in_hi = every
+    if req.sliding_window is not None:  # later rows beyond the window count for FAI only
+        in_hi = torch.searchsorted(qp, kp + req.sliding_window - 1, right=True)
+        reach = req.sliding_window - 1
+        if req.wants("fai"):
+            reach = max(reach, NO_REACH if req.fai_horizon is None else req.fai_horizon[1])
+        hi = torch.searchsorted(qp, kp + min(reach, NO_REACH), right=True)
+    if req.key_valid is not None:  # padding keys are seen by no query
+        in_hi = torch.where(req.key_valid, in_hi, lo)
+    return _ranges(lo, hi, lo, lo if req.mask is not None else in_hi)
+
+
+def plan(req: StatsRequest) -> Plan:
+    """Buffers and launches of the ``triton`` backend for ``req`` (``triton_stats`` runs them;
+    benchmarks/triton_compile.py compiles them for a GPU without one)."""
+    q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (req.q, req.k))
     b, hq, tq, d = q.shape
-    tk = k.shape[2]
+    hkv, tk = k.shape[1], k.shape[2]
     dev = q.device
-    block_m, block_n = (32, 32) if INTERPRET else (64, 64)
-    block_d = max(16, triton.next_power_of_2(d))
-    cast = INTERPRET or q.dtype == torch.float32
+    kvalid = req.key_valid if req.key_valid is not None else torch.ones(1, 1, device=dev)
+    kvalid = kvalid.to(torch.uint8).contiguous()
+    mask = _mask_words(req.mask) if req.mask is not None else torch.zeros(1, 1, 1, 1, device=dev)
+    mask_strides = mask.expand(mask.shape[0], hq, *mask.shape[2:]).stride()[:3]
     flags = dict(
+        D=d,
+        BLOCK_D=block_d(d),
         CAUSAL=req.causal,
         HAS_SLIDING=req.sliding_window is not None,
         HAS_SOFTCAP=req.softcap is not None,
         HAS_KVALID=req.key_valid is not None,
         HAS_MASK=req.mask is not None,
-        MASK_PER_HEAD=req.mask is not None and req.mask.shape[1] > 1,
-        CAST=cast,
+        CAST=INTERPRET,  # the interpreter computes in fp32 (its bf16 tl.dot is wrong)
+        PRECISION="ieee" if INTERPRET else "tf32x3" if q.dtype == torch.float32 else "tf32",
     )
-    kvalid = (
-        (req.key_valid if req.key_valid is not None else torch.ones(1, device=dev))
-        .to(torch.uint8)
-        .contiguous()
-    )
-    mask = (
-        (req.mask if req.mask is not None else torch.ones(1, 1, 1, 1, device=dev))
-        .to(torch.uint8)
-        .contiguous()
-    )
-    mstride = (mask.stride(0), mask.stride(1), mask.stride(2))
-    sliding = req.sliding_window or 0
-    softcap = req.softcap or 1.0
-    monotone = tk <= 1 or bool((req.k_pos[:, 1:] >= req.k_pos[:, :-1]).all())
-    q_monotone = tq <= 1 or bool((req.q_pos[:, 1:] >= req.q_pos[:, :-1]).all())
-
-    # keys each query tile may see (all keys unless positions are sorted)
-    n_qt = triton.cdiv(tq, block_m)
-    q_min, q_max = _tile_bounds(req.q_pos, block_m)
-    k_lo_pos = (
-        q_min - req.sliding_window + 1 if req.sliding_window else torch.full_like(q_min, -NO_LIMIT)
-    )
-    k_hi_pos = q_max if req.causal else torch.full_like(q_max, NO_LIMIT)
-    if monotone:
-        krange = _tile_ranges(req.k_pos, k_lo_pos, k_hi_pos)
-    else:
-        krange = torch.tensor([0, tk], device=dev).expand(b, n_qt, 2).contiguous()
+    common = (q, k, req.q_pos, req.k_pos, kvalid, mask)
+    strides = (*q.stride()[:3], *k.stride()[:3], *mask_strides)
+    shape = (hkv, tq, tk, req.groups, req.scale, req.softcap or 1.0, req.sliding_window or 0)
 
     spans = [(0, req.sink_tokens), *req.spans.values()]
+    n_spans = 1 if len(spans) == 1 else 16
     span_lo = torch.tensor([s for s, _ in spans], dtype=torch.int64, device=dev)
     span_hi = torch.tensor([e for _, e in spans], dtype=torch.int64, device=dev)
     ent, dist, waad, maxa, lse = (_alloc(b, hq, tq, device=dev) for _ in range(5))
-    span_out = _alloc(b, hq, 16, tq, device=dev)
-    _row_kernel[(n_qt, b * hq)](
-        q,
-        k,
-        req.q_pos,
-        req.k_pos,
-        kvalid,
-        mask,
+    span_out = _alloc(b, hq, n_spans, tq, device=dev)
+    has_sinks = req.sinks is not None
+    sinks = req.sinks.float().contiguous() if has_sinks else lse  # lse: an unread placeholder
+    sink_p = _alloc(b, hq, tq, device=dev) if has_sinks else lse
+    row_args = (
+        *common,
         span_lo,
         span_hi,
-        krange,
+        _key_ranges(req).contiguous(),
+        sinks,
         ent,
         dist,
         waad,
         maxa,
         span_out,
+        sink_p,
         lse,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        *mstride,
-        hq,
-        tq,
-        tk,
-        d,
-        req.groups,
-        n_qt,
-        req.scale,
-        softcap,
-        sliding,
+        *strides,
+        *shape,
         float(req.window),
         len(spans),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        NS=16,
-        **flags,
+        mask.shape[-1],
     )
+    row_flags = dict(flags, NS=n_spans, HAS_SINKS=has_sinks)
+    row_configs = candidates("row", d, q.dtype, INTERPRET)
+    launches = [Launch("row", row_args, row_flags, tq, b * hkv, req.groups, d, row_configs)]
     all_rows = {
         "entropy": ent,
         "mean_distance": dist,
         "waad": waad,
         "max_attention": maxa,
         "sink_mass": span_out[:, :, 0],
+        "sink_logit_mass": sink_p,
     }
     for i, name in enumerate(req.spans, start=1):
         all_rows[SPAN_PREFIX + name] = span_out[:, :, i]
-    rows = {n: all_rows[n].contiguous() for n in req.row_metrics}
+    rows = {n: all_rows[n] for n in req.row_metrics}
 
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
     if req.col_metrics:
-        n_kt = triton.cdiv(tk, block_n)
-        k_min, k_max = _tile_bounds(req.k_pos, block_n)
-        r_lo_pos = k_min if req.causal else torch.full_like(k_min, -NO_LIMIT)
-        r_hi_pos = torch.full_like(k_max, NO_LIMIT)
-        if q_monotone:
-            qrange = _tile_ranges(req.q_pos, r_lo_pos, r_hi_pos)
-        else:
-            qrange = torch.tensor([0, tq], device=dev).expand(b, n_kt, 2).contiguous()
-        fai_lo, fai_hi = (1, NO_LIMIT) if req.fai_horizon is None else req.fai_horizon
-        rows_lo, rows_hi = req.fai_rows or (-NO_LIMIT, NO_LIMIT)
-        recv, fai_sum, fai_cnt, vis_cnt = (_alloc(b, hq, tk, device=dev) for _ in range(4))
-        _col_kernel[(n_kt, b * hq)](
-            q,
-            k,
-            req.q_pos,
-            req.k_pos,
-            kvalid,
-            mask,
+        fai_lo, fai_hi = (1.0, float("inf")) if req.fai_horizon is None else req.fai_horizon
+        rows_lo, rows_hi = req.fai_rows or (-(2**62), 2**62)
+        recv, vis_cnt = (_alloc(b, hq, tk, device=dev) for _ in range(2))
+        has_fai = req.wants("fai")
+        fai_sum, fai_cnt = (_alloc(b, hq, tk, device=dev) if has_fai else recv for _ in range(2))
+        col_args = (
+            *common,
             lse,
-            qrange,
+            _query_ranges(req).contiguous(),
             recv,
             fai_sum,
             fai_cnt,
             vis_cnt,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            *mstride,
-            hq,
-            tq,
-            tk,
-            d,
-            req.groups,
-            n_kt,
-            req.scale,
-            softcap,
-            sliding,
-            fai_lo,
-            fai_hi,
+            *strides,
+            *shape,
+            float(fai_lo),
+            float(fai_hi),
             rows_lo,
             rows_hi,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_D=block_d,
-            **flags,
+            mask.shape[-1],
         )
+        col_flags = dict(flags, HAS_FAI=has_fai)
+        col_configs = candidates("col", d, q.dtype, INTERPRET)
+        launches.append(Launch("col", col_args, col_flags, tk, b * hkv, req.groups, d, col_configs))
         if req.wants("received"):
             sums["received"] = recv
         if req.wants("sink_score"):
             sums["sink_score"], counts["sink_score"] = recv, vis_cnt
-        if req.wants("fai"):
+        if has_fai:
             sums["fai"], counts["fai"] = fai_sum, fai_cnt
-    return AttentionStats(rows, sums, counts, lse, backend="triton")
+    return Plan(launches, rows, sums, counts, lse)
+
+
+def triton_stats(req: StatsRequest) -> AttentionStats:
+    """The ``triton`` backend of ``attention_stats`` (what it serves: ``kernels.backends``)."""
+    p = plan(req)
+    for launch in p.launches:
+        launch.run()
+    rows = {n: t.contiguous() for n, t in p.rows.items()}
+    return AttentionStats(rows, p.col_sums, p.col_counts, p.lse, backend="triton")

@@ -1,7 +1,9 @@
 """Dense reference metrics on attention probabilities (METRICS.md). The oracle for every fast path.
 
 All functions take ``attn`` of shape ``[..., Tq, Tk]`` (rows sum to 1 over visible keys, masked keys
-are exactly 0, fully masked rows are NaN) and optional absolute positions:
+are exactly 0, fully masked rows are NaN; with learned sinks, as in gpt-oss, rows sum to 1 minus the
+sink's probability, and ``entropy`` takes that probability to add its term) and optional absolute
+positions:
 ``q_pos`` ``[..., Tq]`` and ``k_pos`` ``[..., Tk]`` (default: keys 0..Tk-1, queries aligned to the end
 of the keys, as in a causal prefill). Distances are ``q_pos - k_pos``. Outputs keep the input's
 precision: float64 in, float64 out; half precision and float32 give float32.
@@ -39,11 +41,19 @@ def _distance(attn: Tensor, q_pos: Tensor | None, k_pos: Tensor | None) -> Tenso
     return (q[..., :, None] - k[..., None, :]).to(dtype)  # [..., Tq, Tk]
 
 
-def entropy(attn: Tensor) -> Tensor:
-    """Shannon entropy of each query row (natural log, 0 log 0 = 0). ``[..., Tq]``."""
+def entropy(attn: Tensor, sink: Tensor | None = None) -> Tensor:
+    """Shannon entropy of each query row (natural log, 0 log 0 = 0). ``[..., Tq]``.
+
+    ``sink`` ``[..., Tq]``: the probability of a learned sink (a virtual key outside ``attn``,
+    whose rows then sum to ``1 - sink``); the entropy is that of the whole distribution, keys and
+    sink: ``-sum_s A[t,s] log A[t,s] - sink_t log sink_t``.
+    """
     a = _real(attn)
-    plogp = torch.where(a > 0, a * torch.log(torch.where(a > 0, a, 1.0)), 0.0)
-    return torch.where(_valid_rows(a), -plogp.sum(-1), float("nan"))
+    plogp = torch.where(a > 0, a * torch.log(torch.where(a > 0, a, 1.0)), 0.0).sum(-1)
+    if sink is not None:
+        p_sink = sink.to(a.dtype)
+        plogp = plogp + torch.special.xlogy(p_sink, p_sink)
+    return torch.where(_valid_rows(a), -plogp, float("nan"))
 
 
 def mean_distance(attn: Tensor, q_pos: Tensor | None = None, k_pos: Tensor | None = None) -> Tensor:

@@ -3,10 +3,11 @@
 A stack is a regular expression over module names whose one group is the layer number, with its
 role (``decoder``: causal text self-attention; ``encoder``: bidirectional text or audio
 self-attention; ``cross``: decoder tokens attending to encoder positions; ``vision``: a vision
-tower) and causality. Sliding windows, softcap and scaling come with each attention call; positions
-follow the KV cache (``attnscope.probes.session``). Families not in the table fall back to the
-module's ``is_causal`` attribute and cross-attention module names. A new family = an entry here and
-a parity test of its captured statistics against eager attentions.
+tower) and causality. Sliding windows, softcap, scaling and learned sinks (gpt-oss: ``s_aux``)
+come with each attention call; positions follow the KV cache (``attnscope.probes.session``).
+Families not in the table fall back to the module's ``is_causal`` attribute and cross-attention
+module names. A new family = an entry here and a parity test of its captured statistics against
+eager attentions.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ _ENCODER_TOWER = Stack(  # CLIP / SigLIP vision towers of LLaVA and Gemma 3
     False,
 )
 FAMILIES: tuple[Family, ...] = (
-    Family(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), (_DECODER,)),
+    Family(
+        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt_oss"),
+        (_DECODER,),
+    ),
     Family(("gemma3", "llava"), (_DECODER, _ENCODER_TOWER)),
     Family(("gpt2",), (Stack(r"(?:transformer\.)?h\.(\d+)\.attn", "decoder", True),)),
     Family(

@@ -12,8 +12,9 @@ from torch import Tensor
 from attnscope.errors import AttnscopeError
 from attnscope.kernels import attention_stats
 from attnscope.kernels.config import StatsConfig
-from attnscope.kernels.stats import finish_column
+from attnscope.kernels.stats import AttentionStats, finish_column
 from attnscope.kernels.table import known_metrics
+from attnscope.metrics.dense import analysed_rows, fai_selection
 from attnscope.models.families import stack_of
 from attnscope.probes.records import ModuleRecord
 from attnscope.probes.session import AttentionCall, ProbeSession
@@ -117,12 +118,16 @@ class Capture:
             scale=call.scale,
             sliding_window=call.sliding_window,
             softcap=call.softcap,
+            sinks=call.sinks,
             mask=call.mask,
             q_pos=call.q_index[None] - pad,
             k_pos=call.k_index[None] - (0 if site.cross else pad),
         )
         self.backends.setdefault(stats.backend, stats.reason)
-        rec.add(call.q_index, call.k_index, stats)
+        k_index = call.k_index
+        if "fai" in stats.col_counts and site.causal:  # a sliding cache may have evicted keys
+            k_index, stats = _count_evicted_keys(stats, call.q_index, k_index, pad, self.config)
+        rec.add(call.q_index, k_index, stats)
         if self.config.keeps_qk(site.layer):
             rec.keep_qk(call.q_index, call.query, call.key, call.k_index)
             rec.attention = call.attention
@@ -225,7 +230,10 @@ class Capture:
                 "backend": ", ".join(self.backends),
                 "backend_reason": "; ".join(self.backends.values()),
                 "stats_config": self.config.to_json(),
-                "metrics": list(self.config.metrics or known_metrics(self.config.span_names)),
+                "metrics": list(
+                    self.config.metrics
+                    or known_metrics(self.config.span_names, sinks="sink_logit_mass" in rows)
+                ),
                 "qk_attention": {str(stack_of(r.name)[1]): r.attention for r in recs if r.has_qk},
                 "window": self.config.window,
                 "fai_horizon": self.config.fai_horizon,
@@ -276,6 +284,48 @@ def check_layers(model: torch.nn.Module, config: StatsConfig) -> None:
             f"keep_qk {left_out} are not among the captured layers {list(config.layers)}: "
             "add them to layers"
         )
+
+
+def _count_evicted_keys(
+    stats: AttentionStats, q_index: Tensor, k_index: Tensor, pad: Tensor, config: StatsConfig
+) -> tuple[Tensor, AttentionStats]:
+    """Extend a causal call's columns back over the keys a sliding-window cache has evicted.
+
+    The call's rows give those keys no attention, but FAI counts every analysed row within a
+    key's horizon, seen or not. ``q_index`` ``[Tq]``, ``k_index`` ``[Tk]`` (contiguous) and
+    ``pad`` ``[B, 1]`` (leading padding). Returns key indices from the earliest key any row is
+    within the horizon of, and the statistics with zero sums and the FAI row counts there.
+    """
+    first = int(k_index[0])
+    if first == 0 or not q_index.numel():
+        return k_index, stats
+    start = 0
+    if config.fai_horizon is not None:
+        start = max(0, int(q_index.min()) - config.fai_horizon[1])
+    if start >= first:
+        return k_index, stats
+    extra = torch.arange(start, first, device=k_index.device)  # [E] evicted key indices
+    counts = stats.col_counts["fai"]  # [B, 1|Hq, Tk]
+    valid = torch.isfinite(stats.lse)  # [B, Hq, Tq]
+    valid = valid if counts.shape[1] > 1 else valid[:, :1]
+    q_pos = (q_index[None] - pad)[:, None]  # [B, 1, Tq]
+    rows = analysed_rows(valid, q_pos, config.fai_rows)  # [B, 1|Hq, Tq]
+    dist = (q_index[:, None] - extra[None, :])[None, None]  # [1, 1, Tq, E]
+    added = (fai_selection(dist, config.fai_horizon) & rows[..., None]).sum(-2).float()
+
+    def widen(cols: dict[str, Tensor], front: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``cols`` with the evicted keys' columns in front: ``front[name]``, else zeros."""
+        zeros = {n: v.new_zeros((*v.shape[:-1], len(extra))) for n, v in cols.items()}
+        return {n: torch.cat([front.get(n, zeros[n]), v], -1) for n, v in cols.items()}
+
+    return torch.cat([extra, k_index]), AttentionStats(
+        stats.rows,
+        widen(stats.col_sums, {}),
+        widen(stats.col_counts, {"fai": added}),
+        stats.lse,
+        stats.backend,
+        stats.reason,
+    )
 
 
 def _fit(col: Tensor, n: int) -> Tensor:

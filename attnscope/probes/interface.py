@@ -67,10 +67,30 @@ def _probe(delegate: Callable, module, query, key, value, attention_mask, kwargs
 
 
 def _sdpa(module, query, key, value, attention_mask, **kwargs):
-    if kwargs.get("softcap") is not None:  # SDPA refuses softcap: compute with the eager math
-        mask = _additive(attention_mask, query.dtype)
+    # SDPA cannot take a softcap or learned sinks (s_aux): compute those with the module's eager
+    # math, on the mask eager attention would get
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        mask = _eager_mask(module, attention_mask, query, key, kwargs.get("is_causal"))
         return module_eager(module)(module, query, key, value, mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _eager_mask(
+    module: torch.nn.Module,
+    mask: torch.Tensor | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    is_causal: bool | None,
+) -> torch.Tensor | None:
+    """The additive mask that reproduces SDPA with ``mask``: a bool mask converted, and None on a
+    causal module with several queries made the causal mask SDPA's ``is_causal`` applies (aligned
+    to the first key: Tq == Tk, or a static cache's empty slots after the prompt).
+    q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]``."""
+    tq, tk = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if mask is None and causal and tq > 1:
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril()[None, None]
+    return _additive(mask, query.dtype)  # [B|1, 1, Tq, Tk] or None
 
 
 def _sdpa_probe(module, query, key, value, attention_mask, **kwargs):

@@ -60,7 +60,7 @@ def capture_lens(
     def reduce(layer: int):
         def hook(pattern: torch.Tensor, hook: Any) -> None:  # pattern [B, H, T, T]
             b, h, t, _ = pattern.shape
-            shape_only = torch.empty(b, h, t, 1)  # positions and parameters only: never read
+            shape_only = torch.zeros(b, h, t, 1)  # positions and parameters only: never read
             req = build_request(shape_only, shape_only, config, scale=1.0)
             allowed = pattern > 0  # what the model let each query see
             results[layer] = probability_stats(

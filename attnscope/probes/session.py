@@ -40,7 +40,7 @@ class AttentionCall:
     query: Tensor  # [B, Hq, Tq, D] post-RoPE
     key: Tensor  # [B, Hkv, Tk, D]
     mask: Any  # the attention mask (after the editors, for observers)
-    kwargs: dict  # scaling, sliding_window, softcap, ...
+    kwargs: dict  # scaling, sliding_window, softcap, s_aux (learned sinks), ...
     q_index: Tensor  # [Tq] token index of each query in the sequence
     k_index: Tensor  # [Tk] token (or encoder position) index of each key
 
@@ -61,13 +61,24 @@ class AttentionCall:
         return self.kwargs.get("softcap")
 
     @property
+    def sinks(self) -> Tensor | None:
+        """Learned sink logits ``[Hq]`` (gpt-oss), None without sinks: the call's ``s_aux``, which
+        transformers' attention modules with sinks pass (their ``sinks`` parameter, the one their
+        eager functions read), and which makes the SDPA probe compute with the eager math."""
+        sinks = self.kwargs.get("s_aux")
+        return sinks.detach() if isinstance(sinks, Tensor) else None
+
+    @property
     def attention(self) -> dict[str, Any]:
-        """The parameters that rebuild this call's attention from its q and k (JSON values)."""
+        """The parameters that rebuild this call's attention from its q and k (JSON values;
+        ``sinks``: the learned sink logits as floats, or None)."""
+        sinks = self.sinks
         return dict(
             scale=self.scale,
             causal=self.site.causal,
             sliding_window=self.sliding_window,
             softcap=self.softcap,
+            sinks=None if sinks is None else sinks.cpu().tolist(),
         )
 
 
