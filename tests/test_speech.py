@@ -29,6 +29,7 @@ from attnscope.speech import (
     word_timings,
 )
 from attnscope.speech import speak as synthesise
+from attnscope.speech.audio import AudioWarning
 from attnscope.speech.inputs import decoder_prefix, transcript_ids
 from attnscope.speech.timing import dtw
 from attnscope.store import RunStore
@@ -108,7 +109,8 @@ def test_audio_is_mixed_to_mono_and_resampled_to_16_khz(tmp_path: Path) -> None:
     spectrum = np.abs(np.fft.rfft(audio))
     assert np.fft.rfftfreq(len(audio), 1 / SAMPLE_RATE)[spectrum.argmax()] == pytest.approx(440)
     assert np.abs(audio[1000:-1000]).max() == pytest.approx(0.25, abs=0.01)  # channels averaged
-    window = load_audio(tmp_path / "tone.flac", offset=0.1, duration=0.2)
+    with pytest.warns(AudioWarning, match=r"only 0\.20 s of audio read from .*tone\.flac"):
+        window = load_audio(tmp_path / "tone.flac", offset=0.1, duration=0.2)
     assert window.shape == (round(0.2 * SAMPLE_RATE),)
 
 

@@ -4,7 +4,9 @@ Task: the prompt is one digit d; the answer counts on from it, ``N_DIGITS`` digi
 (``7`` -> ``89012...``). Reward: the length of the correct prefix / ``N_DIGITS`` (an early slip
 costs everything after it). The policy is a tiny Llama over a 13-token character vocabulary,
 briefly warmed up with supervised steps so that it starts at a low but non-zero reward; then both
-arms train from the same weights with the same samples' random seed.
+arms train from the same weights with the same samples' random seed. The defaults (30 steps of
+4 prompts x 8 completions per arm) finish in about a minute on 2 CPU cores and lift the reward from
+about 0.15 to about 0.3 in both arms.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from attnscope.rl.grpo import GRPOConfig, GRPOTrainer, StepLog
@@ -118,14 +121,15 @@ class DemoResult:
 
 def run_demo(
     out: str | Path = "rl-demo",
-    steps: int = 200,
+    steps: int = 30,
     warmup_steps: int = 15,
-    prompts_per_step: int = 8,
+    prompts_per_step: int = 4,
     config: GRPOConfig = CONFIG,
     seed: int = 0,
     progress: bool = True,
 ) -> DemoResult:
-    """Warm up one tiny policy, then train a copy per arm (coupled credit, plain GRPO)."""
+    """Warm up one tiny policy, then train a copy per arm (coupled credit, plain GRPO), each
+    behind a progress bar ``GRPO ARM`` of ``steps`` steps."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -137,8 +141,14 @@ def run_demo(
         model = copy.deepcopy(base)
         torch.manual_seed(seed + 1)  # the same sampling noise for both arms
         trainer = GRPOTrainer(model, tokenizer, prefix_reward, replace(config, strategy=strategy))
-        batches = prompt_batches(random.Random(seed + 1), steps, prompts_per_step)
-        history[arm] = trainer.train(batches, progress=progress)
+        batches = tqdm(
+            prompt_batches(random.Random(seed + 1), steps, prompts_per_step),
+            total=steps,
+            desc=f"GRPO {arm}",
+            unit="step",
+            disable=not progress,
+        )
+        history[arm] = trainer.train(batches, progress=False)
     log = out / "rl_demo_log.jsonl"
     with log.open("w") as f:
         for arm, logs in history.items():

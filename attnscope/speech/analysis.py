@@ -4,6 +4,7 @@ curves and word timings for one window of speech."""
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -22,12 +23,14 @@ from attnscope.metrics.alignment import (
 from attnscope.models.loaded import LoadedModel
 from attnscope.saliency.forward import TeacherForced
 from attnscope.saliency.speech import Saliency, SaliencyCost, method_name, speech_saliency
+from attnscope.speech.audio import SILENT_DBFS, AudioWarning, rms_dbfs
 from attnscope.speech.cross import CrossAttention, capture_cross_attention
 from attnscope.speech.inputs import SpeechInput, decoder_prefix, prepare, transcript_ids
 from attnscope.speech.timing import WordTiming, word_timings
 
-ALL_METHODS = ("integrated_gradients", "gradient_x_input", "occlusion")
-DELETION_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.5)
+# integrated gradients is opt-in: about n_steps x 1.5 times the cost of gradient x input
+DEFAULT_METHODS = ("gradient_x_input", "occlusion")
+DELETION_FRACTIONS = (0.0, 0.1, 0.3, 0.5)  # fraction 0 runs once, the others once per ranking
 DEFAULT_COST = SaliencyCost()
 DEFAULT_POOLING = Pooling()  # max over frequency, max over time
 DELETION = pa.schema(
@@ -74,7 +77,7 @@ def analyze_speech(
     audio: np.ndarray,
     transcript: str | None = None,
     *,
-    methods: tuple[str, ...] = ALL_METHODS,
+    methods: tuple[str, ...] = DEFAULT_METHODS,
     cost: SaliencyCost = DEFAULT_COST,
     pooling: Pooling = DEFAULT_POOLING,
     top_k: int = 10,
@@ -86,10 +89,13 @@ def analyze_speech(
     """Analyse mono 16 kHz ``audio`` (at most one window, 30 s for Whisper).
 
     With ``transcript`` the decoder is forced through it, else the model transcribes greedily.
-    ``methods``: saliency methods (``ig``, ``gxi``, ``occlusion`` or full names; may be empty);
-    ``cost`` sets their price. ``deletion_fractions=()`` skips deletion curves.
+    ``methods``: saliency methods (``ig``, ``gxi``, ``occlusion`` or full names; may be empty;
+    default gradient x input and occlusion: integrated gradients is slow, see
+    ``ig_seconds_per_token``); ``cost`` sets their price. ``deletion_fractions=()`` skips
+    deletion curves.
     ``timing_heads`` ``[(layer, head)]`` for word timings: default the model's alignment heads
     (generation config), else the heads whose maps best match the first saliency method.
+    Audio that looks silent gets an ``AudioWarning`` (also listed in ``meta["warnings"]``).
     """
     methods = tuple(method_name(m) for m in methods)  # unknown names fail before the slow part
     seconds: dict[str, float] = {}
@@ -124,9 +130,13 @@ def analyze_speech(
         speech.frame_seconds,
         end_row=cross.token_ids[-1] == lm.model.generation_config.eos_token_id,
     )
+    transcript = lm.tokenizer.decode(cross.token_ids, skip_special_tokens=True).strip()
+    notes = _silence_warnings(audio, transcript)
+    for note in notes:
+        warnings.warn(note, AudioWarning, stacklevel=2)
     return SpeechAnalysis(
         model=lm.name,
-        transcript=lm.tokenizer.decode(cross.token_ids, skip_special_tokens=True).strip(),
+        transcript=transcript,
         speech=speech,
         cross=cross,
         saliency=saliency,
@@ -151,8 +161,31 @@ def analyze_speech(
             },
             "timing_heads": [list(h) for h in heads],
             "seconds": seconds,
+            "warnings": notes,
         },
     )
+
+
+def _silence_warnings(audio: np.ndarray, transcript: str) -> list[str]:
+    level = rms_dbfs(audio)
+    if level >= SILENT_DBFS:
+        return []
+    loudness = "all zeros" if level == -np.inf else f"RMS {level:.0f} dBFS"
+    return [
+        f"the audio looks silent ({loudness}, below {SILENT_DBFS:.0f} dBFS): the transcript "
+        f"{transcript!r} is likely a hallucination, not speech"
+    ]
+
+
+def ig_seconds_per_token(analysis: SpeechAnalysis, n_steps: int) -> float | None:
+    """Estimated seconds of integrated gradients per token: ``n_steps`` forwards and backwards of
+    one input, timed by gradient x input (its shared forward, its backward per token); None when
+    gradient x input did not run."""
+    gxi = analysis.saliency.get("gradient_x_input")
+    if gxi is None:
+        return None
+    forward = gxi.params["forward_seconds"]
+    return n_steps * (forward + (gxi.seconds - forward) / len(analysis.tokens))
 
 
 def _deletion(
@@ -175,13 +208,15 @@ def _deletion(
     if not fractions:
         return DELETION.empty_table()
     masks = torch.cat([deletion_masks(r, fractions) for r in rankings.values()])  # [R * n, F]
-    mel = masks.repeat_interleave(speech.mel_per_frame, dim=-1)[:, None]  # [R * n, 1, n_mel]
+    # each distinct mask runs once (fraction 0 is the same for every ranking)
+    unique, index = torch.unique(masks, dim=0, return_inverse=True)  # [U, F], [R * n]
+    mel = unique.repeat_interleave(speech.mel_per_frame, dim=-1)[:, None]  # [U, 1, n_mel]
     with torch.no_grad():
         scores = [
             forced.target_log_probs(torch.where(chunk, baseline, forced.audio)).mean(-1).cpu()
             for chunk in mel.to(baseline.device).split(cost.batch_size)
         ]
-    curves = torch.cat(scores).view(len(rankings), len(fractions)).numpy()
+    curves = torch.cat(scores)[index].view(len(rankings), len(fractions)).numpy()
     rows = [
         (name, f, float(value), deletion_auc(fractions, curve))
         for name, curve in zip(rankings, curves, strict=True)
