@@ -13,6 +13,7 @@ from attnscope.errors import AttnscopeError
 from attnscope.generation import greedy_generate
 from attnscope.kernels.config import StatsConfig
 from attnscope.models.loaded import LoadedModel
+from attnscope.models.loader import input_device
 from attnscope.probes.capture import Capture
 from attnscope.trace import Trace
 
@@ -49,7 +50,7 @@ def analyze(
     if generate and lm.kind != "causal-lm":
         raise AttnscopeError(f"{lm.name!r} is an encoder: it cannot generate (use generate=0)")
     model, tok = lm.model, lm.tokenizer
-    ids = tok(text, return_tensors="pt").input_ids.to(model.device)  # [1, T0]
+    ids = tok(text, return_tensors="pt").input_ids.to(input_device(model))  # [1, T0]
     n_prompt = ids.shape[1]
     if n_prompt == 0:
         raise AttnscopeError(

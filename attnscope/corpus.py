@@ -9,6 +9,10 @@ Statistics are exact per prompt: generation runs batched without capture (finish
 producing pad tokens that would attend), then each batch's final sequences (prompt + response up
 to and including the first end-of-sequence token) go through one left-padded forward pass under
 ``Capture``, which drops the padding of every sequence.
+
+Engines: ``"local"`` analyses in this process (``analyze_in_batches``); ``attnscope.scale``
+runs the same function in Ray actors. Either way this process is the only writer of ``out``: it
+stores each prompt it receives unless it is stored already (a retried task's second copy).
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -46,11 +51,14 @@ from attnscope.generation import (
 )
 from attnscope.kernels.config import RESPONSE, StatsConfig
 from attnscope.models.loaded import LoadedModel
-from attnscope.models.loader import load
+from attnscope.models.loader import input_device, load
 from attnscope.probes.capture import Capture, check_layers
 from attnscope.runfiles import CORPUS_FILE, CORPUS_FORMAT, CORPUS_VERSION, PROMPTS_DIR
 from attnscope.store.runs import id_problem
 from attnscope.trace import TRACE_FILE, Trace
+
+if TYPE_CHECKING:
+    from attnscope.scale import RayEngine
 
 PromptSpec = str | tuple[str, str] | Mapping[str, Any]
 
@@ -63,6 +71,27 @@ class CorpusSummary:
     done: list[str]  # ids of the stored prompts, in corpus order (earlier calls included)
     skipped: dict[str, str]  # id -> error text of the prompts that failed in this call
     resumed: list[str] = field(default_factory=list)  # ids already stored before this call
+    tokens: int = 0  # tokens of the prompts stored in this call (prompt + response)
+    seconds: float = 0.0  # from the start of the first batch to the last store (no model load)
+    nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> prompts stored from it
+
+
+class Storable(Protocol):
+    """A prompt's result: a Trace, or the files of its run (``attnscope.scale.rows.RunFiles``)."""
+
+    def save(self, path: Path) -> Path: ...
+
+    def __len__(self) -> int: ...  # tokens
+
+
+@dataclass
+class BatchResult:
+    """What an engine hands back for one batch: each prompt's result or error text, when the
+    batch started (``time.time()``) and the Ray node that ran it (None: this process)."""
+
+    outcomes: list[tuple[str, Storable | str]]
+    started: float
+    node: str | None = None
 
 
 @dataclass
@@ -82,6 +111,7 @@ def analyze_corpus(
     config: StatsConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    engine: Literal["local", "ray"] | RayEngine = "local",
     **stats: Any,
 ) -> CorpusSummary:
     """Analyze every prompt as ``analyze(lm, text, generate)`` would, in batches of ``batch_size``
@@ -95,13 +125,21 @@ def analyze_corpus(
     batch) is reported on stderr, recorded in ``corpus.json`` and skipped; a later call retries it.
     ``fai_rows="response"`` batches only prompts of equal token length together (the FAI rows
     of a batch are shared). Causal language models only (padding is dropped for causal attention).
+    ``engine``: ``"local"`` (this process), or ``"ray"`` / an ``attnscope.scale.RayEngine``
+    (Ray Data actors that load the model by name: a LoadedModel is reloaded by its name).
     """
     if generate < 0:
         raise ValueError(f"generate must be >= 0, got {generate}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    engine = _engine(engine)
     config = StatsConfig.build(config, **stats)  # checks metrics, backend and window once
     entries = prompt_list(prompts)
+    if "://" in str(out):
+        raise AttnscopeError(
+            f"out must be a directory path (local, or a mounted shared filesystem), not the URI "
+            f"{out}: write to a path, then copy the run"
+        )
     out = Path(out)
     manifest = {
         "format": CORPUS_FORMAT,
@@ -114,52 +152,79 @@ def analyze_corpus(
     }
     with claim(out, "corpus run"):  # one writer per corpus run
         resume = _check_out(out, manifest, overwrite)
-        if isinstance(lm, str):
-            if progress:
-                print(f"loading {lm} ...", file=sys.stderr)
-            lm = load(lm)
-        if lm.kind != "causal-lm":
-            raise AttnscopeError(
-                f"analyze_corpus() takes causal language models; {lm.name!r} is a {lm.kind} model "
-                "(use analyze() per text)"
-            )
-        check_layers(lm.model, config)  # refused at once, not prompt by prompt
-        _open_out(out, resume, manifest, overwrite)
-
         prompts_dir = out / PROMPTS_DIR
-        resumed = [pid for pid, _ in entries if (prompts_dir / pid / TRACE_FILE).is_file()]
+        resumed = [
+            pid for pid, _ in entries if resume and (prompts_dir / pid / TRACE_FILE).is_file()
+        ]
         stored = set(resumed)
-        failed: dict[str, str] = manifest["failed"]
-        todo = []
-        for pid, text in entries:
-            if pid in stored:
-                continue
-            ids = lm.tokenizer(text, return_tensors="pt").input_ids[0]  # [T0]
-            try:
-                check_context(lm, len(ids) + generate)
-            except AttnscopeError as err:
-                _fail(failed, [pid], str(err))
-                continue
-            todo.append(_Prompt(pid, text, ids))
-        write_file_atomically(out / CORPUS_FILE, json.dumps(manifest, indent=1))
+        todo = [(pid, text) for pid, text in entries if pid not in stored]
+        if engine == "local":
+            if isinstance(lm, str):
+                if progress:
+                    print(f"loading {lm} ...", file=sys.stderr)
+                lm = load(lm)
+            check_model(lm, config)
+        with tqdm(desc="analyzing", disable=not progress) as bar:
+            if engine == "local":
+                results = analyze_in_batches(lm, todo, generate, config, batch_size, bar)
+            else:
+                from attnscope.scale import ray_batches
 
-        planned = sum(len(p.ids) for p in todo) + generate * len(todo)
-        with tqdm(total=planned, desc="analyzing", unit="tok", disable=not progress) as bar:
-            for batch in _batches(todo, batch_size, same_length=config.fai_rows == RESPONSE):
-                before = bar.n
-                try:
-                    traces = _analyze_batch(lm, batch, generate, config, bar)
-                    for prompt, trace in zip(batch, traces, strict=True):
-                        trace.save(prompts_dir / prompt.id)
-                except Exception as err:  # reported and skipped: one bad batch must not end the run
-                    lost = [p.id for p in batch if not (prompts_dir / p.id / TRACE_FILE).is_file()]
-                    _fail(failed, lost, f"{type(err).__name__}: {err}")
-                    write_file_atomically(out / CORPUS_FILE, json.dumps(manifest, indent=1))
-                # generation may stop early (end of sequence) or fail: keep the total reachable
-                bar.total -= sum(len(p.ids) + generate for p in batch) - (bar.n - before)
-                bar.set_postfix(skipped=len(failed), refresh=True)
-        done = [pid for pid, _ in entries if (prompts_dir / pid / TRACE_FILE).is_file()]
-        return CorpusSummary(path=out, done=done, skipped=failed, resumed=resumed)
+                model = manifest["model"]
+                results = ray_batches(engine, model, todo, generate, config, batch_size, bar)
+            summary = _store(out, manifest, resume, overwrite, results, bar)
+        summary.done = [pid for pid, _ in entries if (prompts_dir / pid / TRACE_FILE).is_file()]
+        summary.resumed = resumed
+        return summary
+
+
+def check_model(lm: LoadedModel, config: StatsConfig) -> None:
+    """Refuse a model the corpus engines cannot analyse, or ``config`` layers it lacks (at once,
+    not prompt by prompt)."""
+    if lm.kind != "causal-lm":
+        raise AttnscopeError(
+            f"analyze_corpus() takes causal language models; {lm.name!r} is a {lm.kind} model "
+            "(use analyze() per text)"
+        )
+    check_layers(lm.model, config)
+
+
+def analyze_in_batches(
+    lm: LoadedModel,
+    entries: list[tuple[str, str]],
+    generate: int,
+    config: StatsConfig,
+    batch_size: int,
+    bar: tqdm,
+) -> Iterator[BatchResult]:
+    """The engine of one process: the ``(id, text)`` prompts tokenized, those too long for the
+    context failed at once (one result), the rest in batches of ``batch_size`` sorted by token
+    count, each batch's traces or the error that ended it. ``bar`` counts tokens."""
+    todo: list[_Prompt] = []
+    too_long: list[tuple[str, Storable | str]] = []
+    for pid, text in entries:
+        ids = lm.tokenizer(text, return_tensors="pt").input_ids[0]  # [T0]
+        try:
+            check_context(lm, len(ids) + generate)
+        except AttnscopeError as err:
+            too_long.append((pid, str(err)))
+            continue
+        todo.append(_Prompt(pid, text, ids))
+    if too_long:
+        yield BatchResult(too_long, time.time())
+    bar.unit = "tok"
+    bar.reset(total=sum(len(p.ids) for p in todo) + generate * len(todo))
+    for batch in _batches(todo, batch_size, same_length=config.fai_rows == RESPONSE):
+        before, started = bar.n, time.time()
+        outcomes: list[tuple[str, Storable | str]]
+        try:
+            traces = _analyze_batch(lm, batch, generate, config, bar)
+            outcomes = [(p.id, t) for p, t in zip(batch, traces, strict=True)]
+        except Exception as err:  # reported and skipped: one bad batch must not end the run
+            outcomes = [(p.id, f"{type(err).__name__}: {err}") for p in batch]
+        # generation may stop early (end of sequence) or fail: keep the total reachable
+        bar.total -= sum(len(p.ids) + generate for p in batch) - (bar.n - before)
+        yield BatchResult(outcomes, started)
 
 
 def read_prompts(file: str | Path) -> list[tuple[str, str]]:
@@ -284,8 +349,70 @@ def _open_out(out: Path, resume: bool, manifest: dict, overwrite: bool) -> None:
     write_dir_atomically(out, fill, overwrite=overwrite)
 
 
-def _fail(failed: dict[str, str], ids: list[str], error: str) -> None:
-    for pid in ids:
+def _engine(engine: str | RayEngine) -> Literal["local"] | RayEngine:
+    if engine == "local":
+        return "local"
+    from attnscope.scale import RayEngine
+
+    if engine == "ray":
+        return RayEngine()
+    if not isinstance(engine, RayEngine):
+        raise ValueError(f"engine must be 'local', 'ray' or a RayEngine, got {engine!r}")
+    return engine
+
+
+def _store(
+    out: Path,
+    manifest: dict,
+    resume: bool,
+    overwrite: bool,
+    results: Iterator[BatchResult],
+    bar: tqdm,
+) -> CorpusSummary:
+    """Store each prompt of ``results`` atomically unless it is stored already, record the
+    failures in ``corpus.json``. ``out`` is opened (``_open_out``) with the first result, so an
+    engine that fails before any (a model that does not load) leaves no run behind."""
+    prompts_dir = out / PROMPTS_DIR
+    failed: dict[str, str] = manifest["failed"]
+    tokens, first = 0, float("inf")
+    nodes: Counter[str] = Counter()
+
+    def open_once() -> None:
+        if first == float("inf"):  # no result yet, so out is not open yet
+            _open_out(out, resume, manifest, overwrite)
+            write_file_atomically(out / CORPUS_FILE, json.dumps(manifest, indent=1))
+
+    for result in results:
+        open_once()
+        first = min(first, result.started)
+        errors: dict[str, str] = {}
+        for pid, outcome in result.outcomes:
+            if (prompts_dir / pid / TRACE_FILE).is_file():
+                continue  # a retried task's second copy
+            if isinstance(outcome, str):
+                errors[pid] = outcome
+                continue
+            try:
+                outcome.save(prompts_dir / pid)
+            except Exception as err:  # reported and skipped, like a failed batch
+                errors[pid] = f"{type(err).__name__}: {err}"
+                continue
+            failed.pop(pid, None)
+            tokens += len(outcome)
+            if result.node is not None:
+                nodes[result.node] += 1
+        if errors:
+            _fail(failed, errors)
+            write_file_atomically(out / CORPUS_FILE, json.dumps(manifest, indent=1))
+        seconds = max(time.time() - first, 1e-9)
+        bar.set_postfix({"skipped": len(failed), "tok/s": f"{tokens / seconds:.0f}"})
+    open_once()
+    seconds = time.time() - first if first < float("inf") else 0.0
+    return CorpusSummary(out, [], dict(failed), tokens=tokens, seconds=seconds, nodes=dict(nodes))
+
+
+def _fail(failed: dict[str, str], errors: dict[str, str]) -> None:
+    for pid, error in errors.items():
         failed[pid] = error
         tqdm.write(f"attnscope: skipped prompt {pid!r}: {error}", file=sys.stderr)
 
@@ -313,7 +440,7 @@ def _analyze_batch(
     seqs = [p.ids for p in batch]
     if generate:
         seqs = _generated(lm, seqs, generate, bar)
-    ids, mask = left_pad(seqs, pad_token_id(model, tok), model.device)  # [B, T]
+    ids, mask = left_pad(seqs, pad_token_id(model, tok), input_device(model))  # [B, T]
     n_prompt = len(batch[0].ids)
     # fai_rows="response": the batch's prompts share one length
     cap = Capture(model, config=config.resolved(n_prompt, n_prompt + generate), tokenizer=tok)
@@ -335,7 +462,7 @@ def _generated(lm: LoadedModel, prompts: list[Tensor], generate: int, bar: tqdm)
     """Each prompt ``[T0_i]`` followed by its greedy response up to and including the first
     end-of-sequence token (batched generation, left padding)."""
     model, tok = lm.model, lm.tokenizer
-    ids, mask = left_pad(prompts, pad_token_id(model, tok), model.device)  # [B, T0]
+    ids, mask = left_pad(prompts, pad_token_id(model, tok), input_device(model))  # [B, T0]
     out = greedy_generate(model, tok, ids, mask, generate, bar)
     new = out.sequences[:, ids.shape[1] :].cpu()  # [B, generated]
     eos = eos_ids(model, tok)

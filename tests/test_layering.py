@@ -30,6 +30,7 @@ LAYERS = {
     "speech": 3,
     "vlm": 3,
     "findings": 3,
+    "scale": 3,  # the Ray Data engine of corpus runs (optional extra)
     "interventions": 4,
     "rl": 4,
     "dashboard": 4,

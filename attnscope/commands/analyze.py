@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from attnscope.atomic import claim
 from attnscope.commands.common import (
@@ -16,14 +17,40 @@ from attnscope.commands.common import (
     resolve,
     writing_run,
 )
+from attnscope.errors import AttnscopeError
+
+# the options of --engine ray: argparse attribute -> RayEngine field (flag: --ray-address, ...)
+RAY_OPTIONS = {
+    "ray_address": "address",
+    "workers": "workers",
+    "cpus_per_worker": "cpus_per_worker",
+    "gpus_per_worker": "gpus_per_worker",
+}
 
 
 def run(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers) if args.layers else None
     keep_qk = parse_keep_qk(args.keep_qk)
+    given = [
+        f"--{name.replace('_', '-')}" for name in RAY_OPTIONS if getattr(args, name) is not None
+    ]
+    if (args.engine == "ray" or given) and not args.prompts:
+        raise AttnscopeError("--engine ray and its options take a corpus: add --prompts FILE.jsonl")
+    if given and args.engine != "ray":
+        raise AttnscopeError(f"{', '.join(given)} need --engine ray")
     if args.prompts:
         return _corpus(args, layers, keep_qk)
     return _single(args, layers, keep_qk)
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    """``"local"``, or the RayEngine of the --engine ray options (defaults where not given)."""
+    if args.engine == "local":
+        return "local"
+    from attnscope.scale import RayEngine
+
+    options = {field: getattr(args, name) for name, field in RAY_OPTIONS.items()}
+    return RayEngine(**{field: value for field, value in options.items() if value is not None})
 
 
 def _single(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | bool) -> int:
@@ -71,6 +98,7 @@ def _corpus(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | b
 
     out = Path(args.out)
     prompts = read_prompts(args.prompts)
+    engine = _engine(args)
     with claim(out, "corpus run"):  # held until the report is written
         # the model is loaded only once the run directory is known to be new or resumable, unless
         # an open layer range needs its layer count first
@@ -89,10 +117,19 @@ def _corpus(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | b
             layers=resolve(layers, n_layers),
             keep_qk=resolve(keep_qk, n_layers),
             overwrite=args.overwrite,
+            engine=engine,
         )
         report = write_corpus_report(out) if summary.done else None
     resumed = f" ({len(summary.resumed)} from an earlier run)" if summary.resumed else ""
     print(f"{len(summary.done)} prompts done{resumed}, {len(summary.skipped)} skipped")
+    if summary.seconds:
+        print(
+            f"{summary.tokens} tokens in {summary.seconds:.1f} s "
+            f"({summary.tokens / summary.seconds:.0f} tokens/s, model loading excluded)"
+        )
+    if summary.nodes:
+        nodes = ", ".join(f"{node} ({n} prompts)" for node, n in sorted(summary.nodes.items()))
+        print(f"Ray nodes: {nodes}")
     for pid, error in summary.skipped.items():
         print(f"  skipped {pid!r}: {error}")
     sql = (

@@ -74,6 +74,9 @@ def load(
     """Load a model by alias, local directory or HF id (from the local HF cache unless ``download``).
 
     ``attn_implementation`` is what the model runs with; capture keeps it (SDPA by default).
+    ``model_kwargs`` go to ``from_pretrained``, e.g. ``device_map`` (with ``offload_folder``) to
+    spread a model over devices and offload layers to the CPU or disk (accelerate); put inputs
+    on ``input_device(lm.model)``.
     """
     if model_kwargs.pop("weights_only", True) is not True:
         raise ValueError(
@@ -112,6 +115,16 @@ def load(
     )
     model.attnscope_load_seconds = time.perf_counter() - start
     return LoadedModel(model, tokenizer, processor, kind, name, source.label)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: ``model.device``, or, when its first weights are offloaded
+    (``device_map``: they wait on the meta device), the first device its map computes on."""
+    device = model.device
+    if device.type != "meta":
+        return device
+    devices = [d for d in getattr(model, "hf_device_map", {}).values() if d not in ("cpu", "disk")]
+    return torch.device(devices[0] if devices else "cpu")
 
 
 def check_model_dir(path: Path, remedy: str) -> None:
