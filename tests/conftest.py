@@ -52,3 +52,13 @@ def cache_dir(tmp_path_factory):
     mp.setenv("ATTNSCOPE_CACHE", str(path))
     yield path
     mp.undo()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny models gain nothing from threads, on a busy 2-core machine threads
+    crawl, and forked writers start without a thread pool."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

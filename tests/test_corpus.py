@@ -20,6 +20,8 @@ from attnscope.corpus_report import corpus_head_stats, write_corpus_report
 from attnscope.errors import AttnscopeError, RunExistsError
 from attnscope.store import RunStore
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXTS = [
     "The cat sat on the mat because it was",
     "Paris",
@@ -38,15 +40,6 @@ def lm(request, cache_dir):
 @pytest.fixture(scope="module")
 def gpt2(cache_dir):
     return asc.load("tiny-gpt2")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine threads crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def stored(out) -> list[str]:

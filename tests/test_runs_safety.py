@@ -22,6 +22,8 @@ from attnscope.errors import AttnscopeError, RunExistsError
 from attnscope.store import RunStore
 from attnscope.trace import Trace
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RUN_FILES = {"trace.json", "stats.parquet", "report.html"}  # every listed run has these
 FILES = {  # and, by command, these
     "analyze": RUN_FILES,
@@ -30,15 +32,6 @@ FILES = {  # and, by command, these
 }
 PROMPT_FILES = {"trace.json", "stats.parquet"}  # a corpus prompt's run
 PROMPTS = [("a", "one two"), ("b", "one two three four"), ("c", "one two three four five six")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; forked writers then start without a thread pool."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -28,20 +28,13 @@ from attnscope.scale import RayEngine  # noqa: E402
 from attnscope.scale.rows import SCHEMA, from_row, to_row  # noqa: E402
 from attnscope.scale.worker import KILL_WORKER  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WORDS = "the quick brown fox jumps over a lazy dog while seven green bottles stand on the wall"
 PROMPTS = [(f"p{i:02d}", " ".join(WORDS.split()[: 2 + i % 13]) + f" {i}") for i in range(40)]
 GENERATE, BATCH = 4, 4
 OBJECT_STORE = 100 * 2**20  # bytes per node: Ray's minimum is 75 MB
 PROMPT_FILES = {"trace.json", "stats.parquet"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The Ray workers run one thread each (1 CPU); so does the local reference."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
