@@ -27,21 +27,22 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(triton_stats, "_alloc", alloc)
 
 
-def compare(q, k, atol=1e-4, rtol=1e-4, **kwargs):
+def compare(q, k, atol=1e-4, rtol=1e-4, reference="dense", label="", **kwargs):
+    """Triton against ``reference`` on the same request: every element written and close."""
     got = kernels.attention_stats(q, k, backend="triton", **kwargs)
-    ref = kernels.attention_stats(q, k, backend="dense", **kwargs)
+    ref = kernels.attention_stats(q, k, backend=reference, **kwargs)
     assert got.backend == "triton"
     assert got.rows.keys() == ref.rows.keys() and got.cols.keys() == ref.cols.keys()
     for kind, a, b in (("row", got.rows, ref.rows), ("col", got.cols, ref.cols)):
         for name in b:
-            assert not (a[name] == POISON).any(), f"{kind} {name}: unwritten elements"
+            assert not (a[name] == POISON).any(), f"{label}{kind} {name}: unwritten elements"
             torch.testing.assert_close(
                 a[name],
                 b[name],
                 atol=atol,
                 rtol=rtol,
                 equal_nan=True,
-                msg=lambda m, n=name, t=kind: f"{t} {n}: {m}",
+                msg=lambda m, n=name, t=kind: f"{label}{t} {n}: {m}",
             )
     torch.testing.assert_close(got.lse, ref.lse, atol=atol, rtol=rtol, equal_nan=True)
     return got
@@ -123,26 +124,11 @@ def test_triton_too_many_spans():
 def check_variant(variant: Variant, device: str, length: int) -> None:
     """One kernel variant: triton against chunked on ``device``, every element written."""
     q, k, kwargs = variant.inputs(length, device)
-    got = kernels.attention_stats(q, k, backend="triton", **kwargs)
-    ref = kernels.attention_stats(q, k, backend="chunked", **kwargs)
-    assert got.backend == "triton"
     on_gpu = device != "cpu" and not triton_stats.INTERPRET
     # the interpreter computes in fp32 from the inputs, as chunked does; on the GPU half inputs
     # meet tf32 span sums, fp32 inputs tf32x3 scores
     atol, rtol = (2e-3, 2e-2) if on_gpu and q.dtype != torch.float32 else (2e-4, 1e-3)
-    assert got.rows.keys() == ref.rows.keys() and got.cols.keys() == ref.cols.keys()
-    for kind, a, b in (("row", got.rows, ref.rows), ("col", got.cols, ref.cols)):
-        for name in b:
-            assert not (a[name] == POISON).any(), f"{kind} {name}: unwritten elements"
-            torch.testing.assert_close(
-                a[name],
-                b[name],
-                atol=atol,
-                rtol=rtol,
-                equal_nan=True,
-                msg=lambda m, n=name, t=kind: f"{variant.name} {t} {n}: {m}",
-            )
-    torch.testing.assert_close(got.lse, ref.lse, atol=atol, rtol=rtol, equal_nan=True)
+    compare(q, k, atol, rtol, reference="chunked", label=f"{variant.name} ", **kwargs)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
