@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from attnscope.commands.common import LAYERS_SYNTAX
@@ -222,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     except (AttnscopeError, ValueError) as err:
         print(f"attnscope: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`attnscope models | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
