@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -109,8 +110,11 @@ def test_rows_carry_the_run_files_of_the_local_engine(cache_dir, tmp_path):
     trace.save(tmp_path / "local")
     names = sorted(f.name for f in (tmp_path / "local").iterdir())
     assert names == ["qk.safetensors", "stats.parquet", "trace.json"]
-    for name in names:
+    for name in ("qk.safetensors", "trace.json"):
         assert (tmp_path / "driver" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    # Parquet bytes may differ between two writes of one table (encoder state); the data may not
+    stats = [pq.read_table(tmp_path / side / "stats.parquet") for side in ("driver", "local")]
+    assert stats[0].equals(stats[1])
     assert (
         from_row(to_row("p06", "RuntimeError: boom", 1.5, "node", tmp_path)) == "RuntimeError: boom"
     )
