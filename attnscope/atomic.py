@@ -3,7 +3,7 @@ what killed writers leave behind.
 
 A write of ``DIR/NAME`` (a run directory, or a file) holds the writer lock
 ``DIR/.NAME.attnscope-lock`` (filelock) from start to end; it fills a temporary sibling
-``DIR/.NAME.attnscope-tmp-XXXXXXXX`` and renames it into place. Replacing a run (``overwrite``)
+``DIR/.NAME.attnscope-tmp-<random suffix>`` and renames it into place. Replacing a run (``overwrite``)
 first moves it aside to ``DIR/.NAME.attnscope-old-PID``. These hidden names exist only while their
 writer holds the lock, so any of them whose lock is free is the leftover of a killed writer: a
 writer taking a lock in ``DIR`` removes such leftovers (``sweep``) and puts back a run set aside
