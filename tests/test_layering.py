@@ -14,6 +14,7 @@ LAYERS = {
     "atomic": 0,
     "runfiles": 0,
     "lazy": 0,
+    "tokentext": 0,
     "models": 0,
     "metrics": 0,
     "kernels": 1,
