@@ -36,6 +36,8 @@ METRICS: dict[str, Metric] = {
     )
 }
 SINK_METRICS = ("sink_logit_mass",)  # only for calls with learned sinks
+# defined over later rows only: meaningless for bidirectional (encoder) and cross-attention
+CAUSAL_ONLY = ("fai",)
 ROW_METRICS = tuple(
     n for n, m in METRICS.items() if m.axis == "row" and n not in ("span_mass", *SINK_METRICS)
 )
