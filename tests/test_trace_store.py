@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -291,3 +292,36 @@ def test_missing_or_damaged_qk_file_is_named(qk_run, tmp_path, damage):
     assert ("is damaged" if damage == "foreign" else "cannot read kept queries/keys") in str(
         err.value
     )
+
+
+def test_stats_and_runs_carry_model_and_attention_kind(tmp_path, qk_run):
+    """SQL can keep causal, bidirectional and cross-attention statistics apart."""
+    from transformers import BertConfig, BertModel
+
+    causal, _ = qk_run
+    replace(causal, meta={**causal.meta, "kind": "causal-lm"}).save(tmp_path / "llama")
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64,
+    )  # fmt: skip
+    bert = BertModel(config).eval()
+    with torch.no_grad(), asc.capture(bert) as cap:
+        bert(torch.randint(0, 64, (1, 9)))
+    encoder = cap.trace
+    replace(encoder, meta={**encoder.meta, "kind": "encoder"}).save(tmp_path / "bert")
+    make_trace().save(tmp_path / "old")  # written without kinds
+    store = RunStore(tmp_path)
+    kinds = store.sql(
+        "SELECT run, model_kind, attention, count(*) AS n FROM stats GROUP BY ALL ORDER BY run"
+    ).to_pylist()
+    assert kinds == [
+        {"run": "bert", "model_kind": "encoder", "attention": "bidirectional", "n": 2 * 4 * 9},
+        {"run": "llama", "model_kind": "causal-lm", "attention": "causal", "n": 3 * 4 * 12},
+        {"run": "old", "model_kind": "?", "attention": "?", "n": 2 * 3 * 7},
+    ]
+    runs = store.sql("SELECT run, model_kind, attention FROM runs ORDER BY run").to_pylist()
+    assert [(r["model_kind"], r["attention"]) for r in runs] == [
+        ("encoder", "bidirectional"),
+        ("causal-lm", "causal"),
+        ("?", "?"),
+    ]

@@ -34,7 +34,15 @@ if TYPE_CHECKING:
 
 MAX_ID_BYTES = 200  # leaves room for the temporary-directory prefix within a 255-byte file name
 INDEX_COLUMNS = ("layer", "head", "position")  # every stats.parquet has these
-RUN_COLUMNS = pa.schema([("run", pa.string()), ("prompt", pa.string())])  # added by the store
+# added by the store: constant per stats file
+RUN_COLUMNS = pa.schema(
+    [
+        ("run", pa.string()),
+        ("prompt", pa.string()),
+        ("model_kind", pa.string()),
+        ("attention", pa.string()),
+    ]
+)
 TIMEOUT_S = 60.0  # default bounds of one query
 MAX_ROWS = 100_000
 MEMORY_LIMIT = "2GB"
@@ -59,6 +67,8 @@ class RunInfo:
     n_layers: int
     n_heads: int
     prompt: str | None = None  # the prompt id of a corpus prompt
+    model_kind: str = "?"  # causal-lm, encoder, speech, vlm, ...
+    attention: str = "?"  # causal, bidirectional or cross
 
     @property
     def run(self) -> str:
@@ -72,8 +82,9 @@ class RunStore:
     ``prompts/<id>/`` (named ``<name>/<id>`` here).
 
     ``sql()`` sees two tables: ``stats`` (every run's long table plus ``run`` and ``prompt``
-    columns; ``prompt`` is NULL for single runs) and ``runs`` (one row per run or corpus prompt,
-    with the same two columns). Queries are read-only, read no file but the runs'
+    columns, ``prompt`` NULL for single runs, and the run's ``model_kind`` and ``attention``:
+    causal, bidirectional or cross) and ``runs`` (one row per run or corpus prompt, with the same
+    columns). Schema: docs/SCHEMA.md. Queries are read-only, read no file but the runs'
     ``stats.parquet``, write none (no spilling), and are bounded: stopped after ``timeout``
     seconds (None: never), within DuckDB's ``memory_limit`` and ``threads``, their result cut to
     ``max_rows`` rows.
@@ -255,6 +266,8 @@ class RunStore:
                 "run": pa.array([r.run for r in runs], pa.string()),
                 "prompt": pa.array([r.prompt for r in runs], pa.string()),
                 "model": [r.model for r in runs],
+                "model_kind": [r.model_kind for r in runs],
+                "attention": [r.attention for r in runs],
                 "n_tokens": [r.n_tokens for r in runs],
                 "n_layers": [r.n_layers for r in runs],
                 "n_heads": [r.n_heads for r in runs],
@@ -281,6 +294,8 @@ class RunStore:
                 n_layers=len(header["layers"]),
                 n_heads=int(header["n_heads"]),
                 prompt=prompt,
+                model_kind=str(header.get("meta", {}).get("kind", "?")),
+                attention=str(header.get("meta", {}).get("attention", "?")),
             )
             columns = [
                 *INDEX_COLUMNS,
@@ -364,6 +379,8 @@ def _stats_dataset(
         partitions=[  # constant columns of each file, which also prune files on WHERE run = ...
             (ds.field("run") == r.run)
             & (ds.field("prompt").is_null() if r.prompt is None else ds.field("prompt") == r.prompt)
+            & (ds.field("model_kind") == r.model_kind)
+            & (ds.field("attention") == r.attention)
             for r in runs
         ],
     )
