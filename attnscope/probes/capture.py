@@ -226,7 +226,9 @@ class Capture:
                     self.model.config.get_text_config(), "num_hidden_layers", None
                 ),
                 "stack": stack,
-                "attention": "cross" if cross else ("causal" if recs[0].causal else "bidirectional"),
+                "attention": "cross"
+                if cross
+                else ("causal" if recs[0].causal else "bidirectional"),
                 "modules": [r.name for r in recs],
                 "backend": ", ".join(self.backends),
                 "backend_reason": "; ".join(self.backends.values()),
