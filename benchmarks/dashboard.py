@@ -1,8 +1,8 @@
 """Server-side time of each explorer view on long synthetic runs (goal: every view under 1 s).
 
 An 8K-token run shaped like Gemma-3-270M (18 layers x 4 heads, q/k of 3 layers with 1 KV head,
-d 256) with random statistics, a second one for the run comparison, and a 32K-token run with the
-q/k of one layer for the heatmap. Each view is the callback's function plus the JSON encoding of
+d 256, stored as float16) with random statistics, a second one for the run comparison, and a
+32K-token run with the q/k of one layer for the heatmap. Each view is the callback's function plus the JSON encoding of
 its figures (what Dash sends to the browser); one warm-up, then the median of N repetitions.
 
     python benchmarks/dashboard.py [--tokens 8192] [--reps 5]
@@ -24,7 +24,7 @@ from plotly.io.json import to_json_plotly
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import fmt_time, measure, write_section
 
-from attnscope.dashboard import callbacks, data, figures
+from attnscope.dashboard import callbacks, data
 from attnscope.store import RunStore
 from attnscope.trace import Trace
 
@@ -48,7 +48,13 @@ def synthetic_trace(n: int, n_layers: int, qk_layers: tuple[int, ...], seed: int
         meta={
             "model": "synthetic",
             "qk_attention": {
-                str(layer): {"scale": HEAD_DIM**-0.5, "causal": True, "sliding_window": None}
+                str(layer): {
+                    "scale": HEAD_DIM**-0.5,
+                    "causal": True,
+                    "sliding_window": None,
+                    "softcap": None,
+                    "sinks": None,
+                }
                 for layer in qk_layers
             },
         },
@@ -62,19 +68,31 @@ def synthetic_trace(n: int, n_layers: int, qk_layers: tuple[int, ...], seed: int
     )
 
 
+def figures_of(outputs: object) -> list[go.Figure]:
+    """The figures in a view's outputs (nested tuples included)."""
+    if isinstance(outputs, go.Figure):
+        return [outputs]
+    if isinstance(outputs, tuple):
+        return [f for o in outputs for f in figures_of(o)]
+    return []
+
+
 def payload_kb(outputs: object) -> float:
     """Size of the figures' JSON in a view's outputs (what the browser downloads)."""
-    items = outputs if isinstance(outputs, tuple) else (outputs,)
-    return sum(len(to_json_plotly(o)) for o in items if isinstance(o, go.Figure)) / 1024
+    return sum(len(to_json_plotly(f)) for f in figures_of(outputs)) / 1024
 
 
 def views(store: RunStore, n: int) -> dict[str, Callable[[], object]]:
     mid = n // 2
     end = (n - 2048, 2048)
+    head = {"layer": 8, "head": 1}
+    log = ["log"]
 
     def cold_run_load() -> object:
         data.clear_caches()
-        return callbacks.run_view(store, "long", None, None)
+        return callbacks.run_view(store, "long", None, None), callbacks.head_grid_view(
+            store, "long", head
+        )
 
     return {
         f"run picker: read the {n}-token run + head grid (cold)": cold_run_load,
@@ -82,30 +100,48 @@ def views(store: RunStore, n: int) -> dict[str, Callable[[], object]]:
             store, "long", "entropy", data.ALL_LAYERS
         ),
         "token strip, fai on layer 9": lambda: callbacks.strip_view(store, "long", "fai", 9),
-        "run comparison (per-layer means of 2 runs)": lambda: callbacks.compare_view(
-            store, "long", "other", "entropy"
+        "where the token attends: head row + every head of the layer": lambda: (
+            callbacks.attend_view(store, "long", mid, head, log)
         ),
-        "token click detail (maps + table)": lambda: callbacks.token_view(
+        "where the token attends: layer x head grid (3 kept layers)": lambda: (
+            callbacks.destinations_view(store, "long", mid)
+        ),
+        "token statistics (maps + table)": lambda: callbacks.token_view(
             store, "long", mid, "entropy"
         ),
-        "head grid": lambda: figures.head_grid(data.load_run(store, "long")),
+        "head grid with the selected head": lambda: callbacks.head_grid_view(store, "long", head),
         "head click detail (curve + numbers)": lambda: callbacks.head_view(
-            store, "long", {"layer": 8, "head": 1}, "waad"
+            store, "long", head, "waad"
+        ),
+        "head overview, 256-token window (12 thumbnails)": lambda: callbacks.overview_view(
+            store, "long", head, 0, 256
+        ),
+        f"head overview, whole {n}-token run": lambda: callbacks.overview_view(
+            store, "long", head, 0, n
+        ),
+        "head view (lines), 100 tokens": lambda: callbacks.lines_view(
+            store, "long", head, mid, 100, mid
+        ),
+        "heatmap, 256 tokens, log + hide sink + renormalise": lambda: callbacks.heatmap_view(
+            store, "long", head, mid, 256, ["log", "nosink", "renorm"], mid
         ),
         "heatmap, 2K window at the end (exact)": lambda: callbacks.heatmap_view(
-            store, "long", {"layer": 8, "head": 1}, *end
+            store, "long", head, *end, log, None
         ),
         f"heatmap, whole {n}-token run": lambda: callbacks.heatmap_view(
-            store, "long", {"layer": 8, "head": 1}, 0, n
+            store, "long", head, 0, n, log, None
+        ),
+        "run comparison: lines, grids, strips, heatmap pair": lambda: callbacks.compare_view(
+            store, "long", "other", "entropy", head, mid, 256
         ),
         "token strip of the 32K-token run": lambda: callbacks.strip_view(
             store, "32k", "entropy", data.ALL_LAYERS
         ),
         "heatmap, 2K window at the end of a 32K-token run": lambda: callbacks.heatmap_view(
-            store, "32k", {"layer": 0, "head": 1}, 32768 - 2048, 2048
+            store, "32k", {"layer": 0, "head": 1}, 32768 - 2048, 2048, log, None
         ),
         "heatmap, whole 32K-token run": lambda: callbacks.heatmap_view(
-            store, "32k", {"layer": 0, "head": 1}, 0, 32768
+            store, "32k", {"layer": 0, "head": 1}, 0, 32768, log, None
         ),
     }
 
@@ -127,7 +163,9 @@ def main() -> None:
         lines = ["| view | time | figure JSON |", "|---|---|---|"]
         worst = 0.0
         for name, view in views(store, args.tokens).items():
-            result = measure(lambda view=view: to_json_plotly(view()), args.reps)
+            result = measure(
+                lambda view=view: [to_json_plotly(f) for f in figures_of(view())], args.reps
+            )
             size = payload_kb(view())
             lines.append(f"| {name} | {fmt_time(result['times'])} | {size:.0f} KB |")
             worst = max(worst, sorted(result["times"])[len(result["times"]) // 2])

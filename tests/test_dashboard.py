@@ -10,10 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from dash.testing.wait import until
 
 import attnscope as asc
 from attnscope.cli import main
-from attnscope.dashboard import callbacks, create_app, data, figures
+from attnscope.dashboard import attend, callbacks, create_app, data, figures
 from attnscope.errors import AttnscopeError
 from attnscope.store import RunStore
 from attnscope.trace import QK_FILE, StoredQK, Trace
@@ -87,32 +88,46 @@ def test_token_strip_is_the_head_mean(store):
     trace = store.load("a")
     fig = figures.token_strip(trace, "waad")
     np.testing.assert_allclose(fig.data[0].z[0], trace.rows["waad"].mean((0, 1)), rtol=1e-6)
-    assert fig.data[0].text[0][7] == "7: t7" and "waad = %{z:.4f}" in fig.data[0].hovertemplate
+    assert fig.data[0].text[0][7] == "7 't7'" and "waad = %{z:.4f}" in fig.data[0].hovertemplate
+    assert list(fig.layout.xaxis.ticktext[:2]) == ["t0", "t1"]  # token text on the axis
     fig = figures.token_strip(trace, "fai", 1)  # a column metric on one layer, NaN-aware
     expected = torch.nanmean(trace.cols["fai"][1], 0)
     np.testing.assert_allclose(fig.data[0].z[0], expected, rtol=1e-6)
     assert np.isnan(fig.data[0].z[0][-1]) and "layer 1" in fig.layout.title.text
     trace.tokens[3] = "<s>"  # plotly reads labels as markup
-    assert figures.token_strip(trace, "waad").data[0].text[0][3] == "3: &lt;s&gt;"
+    assert figures.token_strip(trace, "waad").data[0].text[0][3] == "3 '&lt;s&gt;'"
     fig, _ = callbacks.strip_view(store, "a", "entropy", 0)  # layer 0 is not "all layers"
     np.testing.assert_allclose(fig.data[0].z[0], trace.rows["entropy"][0].mean(0), rtol=1e-6)
 
 
-def test_run_comparison_plots_both_runs_per_layer(store):
-    fig, msg = callbacks.compare_view(store, "a", "b", "entropy")
-    assert msg is None and [t.name for t in fig.data] == ["a", "b"]
+def test_run_comparison_aligns_layers_by_relative_depth(store):
+    head = {"layer": 1, "head": 0}
+    fig, grids, strips, pair, msg = callbacks.compare_view(store, "a", "b", "entropy", head, 0, 40)
+    assert "b: layer 2 has no kept queries/keys" in msg.children  # b's layer at a's depth
+    assert [t.name for t in fig.data] == ["a", "b"]
+    assert fig.layout.xaxis.title.text.startswith("relative depth")  # 2 vs 3 layers
     for line, name in zip(fig.data, "ab", strict=True):
         trace = store.load(name)
-        assert list(line.x) == trace.layers
+        np.testing.assert_allclose(line.x, np.linspace(0, 1, len(trace.layers)))
         np.testing.assert_allclose(line.y, trace.rows["entropy"].mean((1, 2)), rtol=1e-6)
-    fig, _ = callbacks.compare_view(store, "a", "a", "entropy")
-    assert len(fig.data) == 1
+    a, b = store.load("a"), store.load("b")
+    mean_a, mean_b = a.rows["entropy"].mean(-1), b.rows["entropy"].mean(-1)
+    np.testing.assert_allclose(grids.data[0].z, mean_a, rtol=1e-6)
+    np.testing.assert_allclose(grids.data[1].z, mean_b[[0, 2]], rtol=1e-6)  # depth 0 and 1
+    np.testing.assert_allclose(grids.data[2].z, mean_a - mean_b[[0, 2]], rtol=1e-5, atol=1e-6)
+    diff = strips.data[2].z[0]  # same tokens in both runs: a difference everywhere
+    np.testing.assert_allclose(
+        diff, a.rows["entropy"].mean((0, 1)) - b.rows["entropy"].mean((0, 1)), atol=1e-6
+    )
+    assert not pair.data  # b kept no q/k: no heatmap pair
+    fig, *others, _ = callbacks.compare_view(store, "a", "a", "entropy", head, 0, 40)
+    assert len(fig.data) == 1 and not any(o.data for o in others)
 
 
 def test_token_detail_maps_and_table(store):
     trace = store.load("a")
     fig, table, title = callbacks.token_view(store, "a", 37, "waad")
-    assert [a.text for a in fig.layout.annotations] == ["waad", "fai", "received"]
+    assert [a.text for a in fig.layout.annotations][:3] == ["waad", "fai", "received"]
     for panel, name in zip(fig.data, ["waad", "fai", "received"], strict=True):
         values = {**trace.rows, **trace.cols}[name][..., 37].numpy()
         np.testing.assert_allclose(panel.z, values, rtol=1e-6)
@@ -125,7 +140,7 @@ def test_token_detail_maps_and_table(store):
     sink = trace.cols["sink_score"][..., 37]
     li, h = divmod(int(sink.argmax()), trace.n_heads)
     assert cells["sink_score"][3:] == [data.fmt(sink.max().item()), f"L{li} h{h}"]
-    assert title.children == "token 37: 't37'"
+    assert title.children == "token 37 't37'"
     with pytest.raises(AttnscopeError, match="outside"):
         callbacks.token_view(store, "a", 40, "waad")
 
@@ -135,15 +150,15 @@ def test_head_grid_marks_groups_and_head_detail(store):
     fig = figures.head_grid(trace)
     np.testing.assert_allclose(fig.data[0].z, trace.head_span(), rtol=1e-6)
     np.testing.assert_allclose(fig.data[2].z, trace.cols["sink_score"][..., 0], rtol=1e-6)
-    assert "bottom/top 30% by head span, sink = alpha_0 > 0.3" in fig.layout.title.text
+    assert "(bottom/top 30% by head span), s = sink (alpha_0 > 0.3)" in fig.layout.title.text
     marks = fig.data[3]  # text overlay of the first panel: one point per head in a group
     groups, sink = trace.head_groups(), trace.sink_heads()
     assert len(marks.text) == int((groups["local"] | groups["global"] | sink).sum()) > 0
     for x, y, text in zip(marks.x, marks.y, marks.text, strict=True):
         li, h = int(y[1:]), int(x[1:])
-        assert ("loc" in text) == bool(groups["local"][li, h])
-        assert ("glob" in text) == bool(groups["global"][li, h])
-        assert ("sink" in text) == bool(sink[li, h])
+        assert ("l" in text) == bool(groups["local"][li, h])
+        assert ("g" in text) == bool(groups["global"][li, h])
+        assert ("s" in text) == bool(sink[li, h])
     curve, title = callbacks.head_view(store, "a", {"layer": 1, "head": 2}, "waad")
     np.testing.assert_allclose(curve.data[0].y, trace.rows["waad"][1, 2], rtol=1e-6)
     assert f"head span {data.fmt(trace.head_span()[1, 2].item())}" in title.children
@@ -154,7 +169,7 @@ def test_head_grid_marks_groups_and_head_detail(store):
 
 
 def test_heatmap_is_exact_attention_of_the_window(store):
-    q, k = random_trace(seed=0).qk[1]
+    q, k, _ = store.load("a").layer_qk(1)  # as stored (float16)
     dense = dense_attention(q, k, 2)
     window = data.attention_window(store, "a", 1, 2, 0, 40)
     assert window.pool == 1 and window.exact
@@ -166,23 +181,43 @@ def test_heatmap_is_exact_attention_of_the_window(store):
     pooled = torch.nn.functional.avg_pool2d(dense[None, None, 5:35, 5:35], 4, ceil_mode=True)[0, 0]
     torch.testing.assert_close(window.matrix, pooled, atol=1e-6, rtol=1e-5)
     fig = figures.attention_heatmap(window, store.load("a").tokens)
-    np.testing.assert_allclose(fig.data[0].z, pooled, atol=1e-6)
+    future = torch.ones_like(pooled, dtype=torch.bool).triu(1)  # blocks wholly after the rows
+    np.testing.assert_allclose(fig.data[0].z, pooled.masked_fill(future, math.nan), atol=1e-6)
     assert list(fig.data[0].x[:2]) == [5, 9] and "4x4 blocks" in fig.layout.title.text
     assert data.clamp_window(40, 100, 5) == (39, 40) and data.clamp_window(40, -3, None) == (0, 40)
 
 
 def test_heatmap_reads_kept_qk_of_the_loaded_run(store):
     loaded = data.load_run(store, "a")
-    assert isinstance(loaded.qk, StoredQK) and data.qk_layers(loaded) == [1]
+    assert isinstance(loaded.qk, StoredQK) and attend.kept(loaded) == [1]
     q, k, attention = loaded.layer_qk(1)
     assert attention["scale"] == SCALE
-    fig, msg = callbacks.heatmap_view(store, "a", {"layer": 1, "head": 3}, 0, 40)
+    fig, msg = callbacks.heatmap_view(store, "a", {"layer": 1, "head": 3}, 0, 40, [], None)
     assert msg is None
-    np.testing.assert_allclose(fig.data[0].z, dense_attention(q, k, 3), atol=1e-6, rtol=1e-5)
+    dense = dense_attention(q.float(), k.float(), 3)
+    shown = dense.masked_fill(torch.ones_like(dense, dtype=torch.bool).triu(1), math.nan)
+    np.testing.assert_allclose(fig.data[0].z, shown, atol=1e-6, rtol=1e-5)  # masked: NaN
+    assert fig.data[0].text[5][2] == f"query 5 't5' -> key 2 't2': {dense[5, 2]:.4f}"
+    assert fig.data[0].text[2][5] == "query 2 't2' -> key 5 't5': masked"
+    assert "mass outside the window: 0.000" in fig.layout.title.text
+    fig, _ = callbacks.heatmap_view(store, "a", {"layer": 1, "head": 3}, 20, 10, ["log"], None)
+    window = dense[20:30, 20:30]
+    outside = 1 - window.sum(1)
+    assert f"mass outside the window: {outside.mean():.3f}" in fig.layout.title.text
+    expected = torch.log10(window.clamp_min(1e-4)).masked_fill(
+        torch.ones_like(window, dtype=torch.bool).triu(1), math.nan
+    )
+    np.testing.assert_allclose(fig.data[0].z, expected, atol=1e-5)
+    fig, _ = callbacks.heatmap_view(store, "a", {"layer": 1, "head": 3}, 20, 10, ["renorm"], None)
+    np.testing.assert_allclose(
+        np.nansum(fig.data[0].z, 1), np.ones(10), atol=1e-5
+    )  # rows sum to 1 inside the window
+    fig, _ = callbacks.heatmap_view(store, "a", {"layer": 1, "head": 3}, 0, 10, ["nosink"], None)
+    assert list(fig.data[0].x) == list(range(1, 10)) and "key 0 hidden" in fig.layout.title.text
     (store.root / "a" / QK_FILE).unlink()
     data.clear_caches()
     with pytest.raises(AttnscopeError, match=f"cannot read kept queries/keys from .*{QK_FILE}"):
-        callbacks.heatmap_view(store, "a", {"layer": 1, "head": 3}, 0, 40)
+        callbacks.heatmap_view(store, "a", {"layer": 1, "head": 3}, 0, 40, [], None)
 
 
 def test_heatmap_pooling_bounds_the_matrix_and_samples_rows_beyond_budget(tmp_path):
@@ -194,7 +229,8 @@ def test_heatmap_pooling_bounds_the_matrix_and_samples_rows_beyond_budget(tmp_pa
     assert window.exact and window.pool == 3 and window.matrix.shape == (234, 234)
     window = data.attention_window(store, "long", 0, 1, 0, n, max_cells=16, budget=16 * n * 4)
     assert (window.pool, window.sampled_rows, window.matrix.shape) == (44, 4, (16, 16))
-    dense = dense_attention(*trace.qk[0], 1)
+    q, k, _ = store.load("long").layer_qk(0)  # as stored (float16)
+    dense = dense_attention(q.float(), k.float(), 1)
     for i, j in [(0, 0), (5, 2), (15, 15)]:
         height = min(44, n - 44 * i)  # the last block is short
         picked = [44 * i + (2 * r + 1) * height // 8 for r in range(4)]  # 4 evenly spaced rows
@@ -279,9 +315,9 @@ def model_runs(tmp_path_factory, cache_dir):
     by a newer attnscope and one with a corrupt stats file."""
     root = tmp_path_factory.mktemp("runs")
     lm = asc.load("tiny-llama")
-    asc.analyze(lm, "The cat sat on the mat because it was", generate=8, progress=False).save(
-        root / "alpha"
-    )
+    asc.analyze(
+        lm, "The cat sat on the mat because it was", generate=8, keep_qk=False, progress=False
+    ).save(root / "alpha")
     ids = lm.tokenizer("Paris is the capital of France. The capital", return_tensors="pt").input_ids
     with torch.no_grad(), asc.capture(lm.model, keep_qk=[1], tokenizer=lm.tokenizer) as cap:
         lm.model.generate(ids, max_new_tokens=12, do_sample=False)
@@ -302,6 +338,12 @@ def _plot(duo, graph_id: str, expr: str):
     return duo.driver.execute_script(
         f"const gd = document.querySelector('#{graph_id} .js-plotly-plot'); return {expr};"
     )
+
+
+def _z(duo, graph_id: str, trace: int = 0) -> np.ndarray:
+    """The z matrix of a heatmap as plotted (NaN: a gap, such as a masked cell)."""
+    expr = f"Array.from(gd._fullData[{trace}].z, r => Array.from(r, v => v === null ? NaN : v))"
+    return np.array(_plot(duo, graph_id, expr), dtype=float)
 
 
 def _wait_for_plot(duo, graph_id: str, title_part: str) -> None:
@@ -336,7 +378,7 @@ def test_explorer_in_the_browser(dash_duo, model_runs):
 
     _click_cell(duo, "strip", 15.5 / len(beta), 0.5)  # a token in the strip
     duo.wait_for_element("#token-title", timeout=15)
-    position = int(re.match(r"token (\d+):", duo.find_element("#token-title").text).group(1))
+    position = int(re.match(r"token (\d+) ", duo.find_element("#token-title").text).group(1))
     assert abs(position - 15) <= 1
     cells = {
         row.find_elements("css selector", "td")[0].text: [
@@ -366,8 +408,11 @@ def test_explorer_in_the_browser(dash_duo, model_runs):
     _click_cell(duo, "head-grid", 2.5 / 4, 0.25)  # layer 1, head 2: its q/k were kept
     duo.wait_for_contains_text("#head-title", "layer 1 head 2", timeout=15)
     _wait_for_plot(duo, "heatmap", "layer 1 head 2")
-    shown = np.array(_plot(duo, "heatmap", "Array.from(gd._fullData[0].z, r => Array.from(r))"))
-    expected = data.attention_window(store, "beta", 1, 2, 0, None).matrix.numpy()
+    duo.find_element("#hm-options input[value='log']").click()  # linear scale
+    until(lambda: "log scale" not in _plot(duo, "heatmap", "gd.layout.title.text"), 15)
+    shown = _z(duo, "heatmap")
+    window = data.attention_window(store, "beta", 1, 2, 0, None)
+    expected = window.matrix.masked_fill(window.masked(), math.nan).numpy()
     np.testing.assert_allclose(shown, expected, atol=1e-6)
     _shot(duo, "beta")
 
@@ -376,8 +421,11 @@ def test_explorer_in_the_browser(dash_duo, model_runs):
     duo.clear_input("#hm-size")
     duo.find_element("#hm-size").send_keys("8\t")
     _wait_for_plot(duo, "heatmap", "tokens 4-11")
-    shown = np.array(_plot(duo, "heatmap", "Array.from(gd._fullData[0].z, r => Array.from(r))"))
-    np.testing.assert_allclose(shown, expected[4:12, 4:12], atol=1e-6)
+    shown = _z(duo, "heatmap")
+    window = data.attention_window(store, "beta", 1, 2, 4, 8)
+    np.testing.assert_allclose(
+        shown, window.matrix.masked_fill(window.masked(), math.nan), atol=1e-6
+    )
 
     duo.select_dcc_dropdown("#compare", index=0)  # alpha next to beta
     duo.wait_for_element("#layer-means .trace:nth-of-type(2)", timeout=15)

@@ -108,7 +108,8 @@ def _read_trace(path: Path, stamp: int) -> Trace:
 
 @lru_cache(maxsize=2)
 def _read_qk(path: Path, stamp: int, layer: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    return _read_trace(path, stamp).layer_qk(layer)
+    q, k, params = _read_trace(path, stamp).layer_qk(layer)
+    return q.float(), k.float(), params  # kept as fp16 on disk
 
 
 def clear_caches() -> None:
@@ -190,16 +191,15 @@ def head_stats(trace: Trace, layer: int, head: int) -> dict[str, float]:
     li = layer_index(trace, layer)
     if not 0 <= head < trace.n_heads:
         raise AttnscopeError(f"head {head} outside 0..{trace.n_heads - 1}")
-    return {
-        "head span": float(trace.head_span()[li, head]),
-        "mean entropy": float(torch.nanmean(trace.rows["entropy"][li, head])),
-        "sink score of token 0": float(trace.cols["sink_score"][li, head, 0]),
-    }
-
-
-def qk_layers(trace: Trace) -> list[int]:
-    """Layers whose queries and keys the run kept (for heatmaps)."""
-    return sorted(trace.qk)
+    stats = {}
+    if "mean_distance" in trace.rows:
+        stats["head span"] = float(trace.head_span()[li, head])
+    for name, values in trace.rows.items():
+        if name in ("entropy", "max_attention") or name.startswith("span_mass"):
+            stats[f"mean {name}"] = float(torch.nanmean(values[li, head]))
+    if "sink_score" in trace.cols:
+        stats["sink score of token 0"] = float(trace.cols["sink_score"][li, head, 0])
+    return stats
 
 
 # -- attention heatmaps --------------------------------------------------------------------------
@@ -214,10 +214,34 @@ class Window:
     end: int
     pool: int  # block side in tokens
     sampled_rows: int  # query rows used per block (== pool when exact)
+    causal: bool = True
+    sliding_window: int | None = None
 
     @property
     def exact(self) -> bool:
         return self.sampled_rows >= self.pool
+
+    def _blocks(self) -> tuple[Tensor, Tensor]:
+        """First and last token of each block, ``[n_blocks]`` each."""
+        first = torch.arange(self.start, self.end, self.pool)
+        return first, (first + self.pool).clamp(max=self.end) - 1
+
+    def masked(self) -> Tensor:
+        """``[rows, cols]`` bool: blocks no query of which may see any key (the future under
+        causal attention, beyond the sliding window)."""
+        first, last = self._blocks()
+        masked = torch.zeros(len(first), len(first), dtype=torch.bool)
+        if self.causal:
+            masked |= first[None, :] > last[:, None]  # every key after every query
+        if self.sliding_window is not None:
+            masked |= first[:, None] - last[None, :] >= self.sliding_window
+        return masked
+
+    def inside_mass(self) -> Tensor:
+        """``[rows]``: each block of queries' mean attention on the window's keys (1 - the
+        mass on keys outside the window, and on a learned sink)."""
+        first, last = self._blocks()
+        return (self.matrix * (last - first + 1)[None, :]).sum(1)
 
 
 def clamp_window(n_tokens: int, start: int | None, size: int | None) -> tuple[int, int]:
@@ -253,16 +277,31 @@ def attention_window(
     pool = math.ceil((end - start) / max_cells)
     n_blocks = math.ceil((end - start) / pool)
     rows = min(pool, max(1, budget // (n_blocks * k.shape[1])))
-    kwargs = {
-        key: params[key]
-        for key in ("scale", "causal", "sliding_window", "softcap", "sinks")
-        if params.get(key) is not None
-    }
+    kwargs = attention_kwargs(params)
     if rows == pool:
         matrix = _exact_blocks(q, k, head, start, end, pool, kwargs)
     else:
         matrix = _sampled_blocks(q, k, head, start, end, pool, rows, kwargs)
-    return Window(matrix, layer, head, start, end, pool, rows)
+    return Window(
+        matrix,
+        layer,
+        head,
+        start,
+        end,
+        pool,
+        rows,
+        causal=bool(params.get("causal", True)),
+        sliding_window=params.get("sliding_window"),
+    )
+
+
+def attention_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    """The stored attention parameters of a layer as keywords of ``kernels.tiles``."""
+    return {
+        key: params[key]
+        for key in ("scale", "causal", "sliding_window", "softcap", "sinks")
+        if params.get(key) is not None
+    }
 
 
 def _exact_blocks(

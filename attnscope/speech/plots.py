@@ -8,7 +8,9 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from attnscope.report import PANEL_MARGIN, panel_height
 from attnscope.speech.analysis import SpeechAnalysis
+from attnscope.tokentext import labels as token_labels
 
 
 def token_figure(analysis: SpeechAnalysis, token: int) -> go.Figure:
@@ -22,9 +24,10 @@ def token_figure(analysis: SpeechAnalysis, token: int) -> go.Figure:
     mel_times = np.arange(speech.n_mel_audio) * mel_seconds
     frame_times = speech.frame_times()
     methods = list(analysis.saliency)
+    name = token_labels(cross.tokens)[token]
     titles = [
         "log-mel spectrogram",
-        *(f"|{m}| for {cross.tokens[token]!r}" for m in methods),
+        *(f"|{m}| for {name}" for m in methods),
         "cross-attention vs saliency over encoder frames",
     ]
     fig = make_subplots(
@@ -41,14 +44,24 @@ def token_figure(analysis: SpeechAnalysis, token: int) -> go.Figure:
         "attention (all heads)": cross.maps[:, :, token].mean((0, 1)),
         **{f"saliency {m}": p[token] for m, p in analysis.pooled.items()},
     }
-    for name, values in curves.items():
+    for label, values in curves.items():
         scaled = (values / values.max().clamp_min(1e-30)).numpy()
-        fig.add_trace(go.Scatter(x=frame_times, y=scaled, name=name, mode="lines"), len(titles), 1)
+        fig.add_trace(go.Scatter(x=frame_times, y=scaled, name=label, mode="lines"), len(titles), 1)
     for w in analysis.words:
         fig.add_vline(x=w.start, line_dash="dot", line_color="white", row=1, col=1)
-        fig.add_annotation(x=(w.start + w.end) / 2, y=1, yref="y domain", text=w.word, row=1, col=1)
+        fig.add_annotation(
+            x=(w.start + w.end) / 2,
+            y=0.98,
+            yref="y domain",
+            yanchor="top",
+            text=w.word,
+            showarrow=False,
+            font=dict(color="white"),
+            row=1,
+            col=1,
+        )
     fig.update_xaxes(title_text="seconds", row=len(titles), col=1)
-    fig.update_layout(height=220 * len(titles), title=f"token {token}: {cross.tokens[token]!r}")
+    fig.update_layout(height=220 * len(titles), title=f"token {token}: {name}")
     return fig
 
 
@@ -60,13 +73,22 @@ def token_frame_maps(analysis: SpeechAnalysis) -> go.Figure:
         **{f"saliency {m}": p for m, p in analysis.pooled.items()},
     }
     fig = make_subplots(rows=1, cols=len(maps), subplot_titles=list(maps), shared_yaxes=True)
-    labels = [f"{i}: {t}" for i, t in enumerate(analysis.tokens)]
+    labels = token_labels(analysis.tokens, indexed=True)
     for col, m in enumerate(maps.values(), start=1):
         z = (m / m.amax(-1, keepdim=True).clamp_min(1e-30)).numpy()
-        heatmap = go.Heatmap(z=z, x=analysis.speech.frame_times(), y=labels, showscale=False)
+        heatmap = go.Heatmap(
+            z=z,
+            x=analysis.speech.frame_times(),
+            y=labels,
+            showscale=False,
+            hovertemplate="%{y} at %{x:.2f} s: %{z:.3f} of the row's max<extra></extra>",
+        )
         fig.add_trace(heatmap, 1, col)
     fig.update_yaxes(autorange="reversed")
-    fig.update_layout(height=160 + 18 * len(labels), title="Output tokens x encoder frames")
+    fig.update_xaxes(title_text="seconds")
+    fig.update_layout(
+        height=max(360, 160 + 18 * len(labels)), title="Output tokens x encoder frames"
+    )
     return fig
 
 
@@ -94,8 +116,11 @@ def alignment_figure(analysis: SpeechAnalysis) -> go.Figure:
             showscale=col == 1,
         )
         fig.add_trace(heatmap, 1, col)
+    fig.update_yaxes(autorange="reversed")
     fig.update_layout(
-        height=120 + 40 * len(layers), title="Pearson rho, cross-attention vs saliency"
+        height=panel_height(len(layers)),
+        margin=PANEL_MARGIN,
+        title="Pearson rho, cross-attention vs saliency",
     )
     return fig
 

@@ -4,6 +4,7 @@ plotly)."""
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -80,10 +81,11 @@ def _colormap(values: np.ndarray, colorscale: str) -> np.ndarray:
     return lut[(np.clip(values, 0, 1) * 255).round().astype(np.int64)]
 
 
-def _normalised(grid: Tensor) -> np.ndarray:
+def _normalised(grid: Tensor, vmax: float | None) -> np.ndarray:
+    """``grid`` scaled from 0 to ``vmax`` (default: its own maximum) into [0, 1]."""
     g = grid.detach().float().cpu().numpy()
-    span = g.max() - g.min()
-    return (g - g.min()) / span if span > 0 else np.zeros_like(g)
+    top = float(g.max()) if vmax is None else vmax
+    return np.clip(g / top, 0, 1) if top > 0 else np.zeros_like(g)
 
 
 def overlay(
@@ -93,10 +95,12 @@ def overlay(
     alpha: float = 0.6,
     colorscale: str = COLORSCALE,
     max_side: int = OVERLAY_SIDE,
+    vmax: float | None = None,
 ) -> Image.Image:
-    """The heatmap ``grid`` ``[rows, cols]`` (min-max scaled), bilinearly upsampled onto the region
-    of the image that the model saw; the rest of the image (cropped away by the processor) is
-    dimmed. Returns an RGB image of the original's aspect, at most ``max_side`` px per side
+    """The heatmap ``grid`` ``[rows, cols]`` (colours from 0 to ``vmax``, default the grid's
+    maximum: pass one ``vmax`` to draw several tokens on one scale), bilinearly upsampled onto the
+    region of the image that the model saw; the rest of the image (cropped away by the processor)
+    is dimmed. Returns an RGB image of the original's aspect, at most ``max_side`` px per side
     (``image``: the original or a copy already scaled down to that bound)."""
     size = fit_size(span.size, max_side)
     sx, sy = size[0] / span.size[0], size[1] / span.size[1]
@@ -104,7 +108,7 @@ def overlay(
         round(v * s) for v, s in zip(span.box, (sx, sy, sx, sy), strict=True)
     )
     region_size = (max(1, right - left), max(1, bottom - top))
-    heat = Image.fromarray(_normalised(grid).astype(np.float32)).resize(
+    heat = Image.fromarray(_normalised(grid, vmax).astype(np.float32)).resize(
         region_size, Image.Resampling.BILINEAR
     )
     colored = Image.fromarray(_colormap(np.asarray(heat), colorscale))
@@ -126,18 +130,28 @@ def overlay_figure(
     """Interactive overlay: the image with the patch-grid heatmap on the region the model saw.
 
     ``grids``: one ``[rows, cols]`` grid, or several by label (e.g. one per token), shown one at a
-    time through a slider over the same image. The image is embedded once, scaled to at most
-    ``max_side`` px per side and compressed; the axes stay in pixels of the original image.
+    time through a slider over the same image, all on one colour scale (0 to the largest value of
+    any grid). The image is embedded once, scaled to at most ``max_side`` px per side and
+    compressed; the axes stay in pixels of the original image.
     """
     size = fit_size(span.size, max_side)
     px, py = span.size[0] / size[0], span.size[1] / size[1]  # original pixels per drawn pixel
     fig = go.Figure(
-        go.Image(source=data_uri(resized(image, size)), x0=px / 2, dx=px, y0=py / 2, dy=py)
+        go.Image(
+            source=data_uri(resized(image, size)),
+            x0=px / 2,
+            dx=px,
+            y0=py / 2,
+            dy=py,
+            hoverinfo="skip",
+        )
     )
     labelled = {"": grids} if isinstance(grids, Tensor) else dict(grids)
     left, top, right, bottom = span.box
     dx, dy = (right - left) / span.cols, (bottom - top) / span.rows
-    for i, grid in enumerate(labelled.values()):
+    vmax = max(float(g.max()) for g in labelled.values())
+    cells = [[f"patch ({r}, {c})" for c in range(span.cols)] for r in range(span.rows)]
+    for i, (label, grid) in enumerate(labelled.items()):
         fig.add_trace(
             go.Heatmap(
                 z=grid.detach().float().cpu().numpy(),
@@ -145,11 +159,12 @@ def overlay_figure(
                 dx=dx,
                 y0=top + dy / 2,
                 dy=dy,
+                text=cells,
                 opacity=0.55,
                 zsmooth="best",
-                colorscale=colorscale,
+                coloraxis="coloraxis",
                 visible=i == 0,
-                hovertemplate="x %{x:.0f}, y %{y:.0f}: %{z:.4f}<extra></extra>",
+                hovertemplate=f"{html.escape(label)}<br>%{{text}}: %{{z:.4f}}<extra></extra>",
             )
         )
     if len(labelled) > 1:
@@ -161,6 +176,17 @@ def overlay_figure(
             )
             for i, label in enumerate(labelled)
         ]
-        fig.update_layout(sliders=[dict(steps=steps, currentvalue=dict(prefix=""))])
-    fig.update_layout(title=title, margin=dict(l=10, r=10, t=40, b=10))
+        fig.update_layout(
+            sliders=[
+                dict(steps=steps, currentvalue=dict(prefix=""), pad=dict(t=30), x=0.04, len=0.92)
+            ]
+        )
+    fig.update_layout(
+        title=title,
+        coloraxis=dict(
+            colorscale=colorscale, cmin=0, cmax=vmax, colorbar=dict(title="attention", len=0.8)
+        ),
+        margin=dict(l=10, r=10, t=50, b=10),
+        height=max(420, min(720, round(560 * span.size[1] / span.size[0]) + 160)),
+    )
     return fig
