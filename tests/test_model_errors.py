@@ -237,3 +237,15 @@ def test_ct2_converter_names_a_corrupt_config(tmp_path: Path) -> None:
         convert_ct2_whisper(tmp_path, tmp_path / "out")
     assert str(err.value).startswith(str(tmp_path / "config.json"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_vision_transformer_loads_without_a_tokenizer_and_refuses_text(
+    tmp_path: Path, capsys
+) -> None:
+    lm = load("dinov2-small")
+    assert lm.kind == "encoder" and lm.tokenizer is None
+    out = tmp_path / "run"
+    assert main(["analyze", "--model", "dinov2-small", "--prompt", "hi", "--out", str(out)]) != 0
+    assert "'dinov2-small' reads images, not text" in capsys.readouterr().err
+    assert not out.exists()

@@ -241,6 +241,8 @@ def _cached_snapshot(repo_id: str) -> Path | None:
 def _load_preprocessors(
     path: str | Path, config: PretrainedConfig, kind: Kind, local_only: bool
 ) -> tuple[Any, Any | None]:
+    if kind == "encoder" and hasattr(config, "patch_size"):  # a vision transformer: no text
+        return None, None
     if kind not in ("vlm", "speech"):
         return AutoTokenizer.from_pretrained(path, local_files_only=local_only), None
     try:
