@@ -20,6 +20,7 @@ from attnscope.findings.texts import SPEECH_SENTENCES, take
 from attnscope.models.loaded import LoadedModel
 from attnscope.saliency.speech import method_name
 from attnscope.speech import analyze_speech, speak
+from attnscope.speech.heads import GAP, AlignmentHeads
 
 
 def alignment_tensors(
@@ -164,4 +165,41 @@ def measure_speech(
         transcripts=transcripts,
         audio_seconds=durations,
         seconds=time.perf_counter() - start,
+    )
+
+
+def alignment_heads_verdict(heads: AlignmentHeads) -> str:
+    """Do the published alignment heads time words better than the median head?"""
+    if not heads.published:
+        return "the model publishes no alignment heads: nothing to compare"
+    mine, every = heads.published_vs_all()
+    n = len(heads.published)
+    return (
+        f"{'agrees' if mine < every else 'disagrees'}: {heads.overlap()}/{n} of the derived top "
+        f"{n} are published alignment heads; published heads' median boundary error "
+        f"{mine:.3f} s vs {every:.3f} s over all heads"
+    )
+
+
+def alignment_heads_row(heads: AlignmentHeads) -> Row:
+    """The reproduction-table row: derived vs published alignment heads."""
+    if not heads.published:
+        raise AttnscopeError(f"{heads.model} publishes no alignment heads to compare with")
+    n = len(heads.published)
+    mine, every = heads.published_vs_all()
+    return Row(
+        finding=f"Whisper alignment heads: derived vs published (overlap of the top {n} with "
+        f"the published {n})",
+        published=f"openai-whisper's alignment heads of {heads.model}: "
+        + ", ".join(f"({layer},{h})" for layer, h in heads.published)
+        + " (decoder layer, head; chosen by the Whisper authors)",
+        measured=f"derived top {n}: {', '.join(f'({layer},{h})' for layer, h in heads.top(n))}; "
+        f"overlap {heads.overlap()}/{n}; median boundary error of the published heads "
+        f"{mine:.3f} s vs {every:.3f} s over all {heads.score.numel()} heads (best head "
+        f"{float(heads.score.min()):.3f} s)",
+        how=f"{heads.model}, {len(heads.sentences)} sentences spoken word by word by espeak-ng "
+        f"({min(heads.audio_seconds):.1f}-{max(heads.audio_seconds):.1f} s, {GAP} s gaps: known "
+        "word times); decoder forced through the sentence; per head, words timed by DTW over that "
+        "head's cross-attention map alone (speech.timing); score = median |boundary - true "
+        "boundary| over word starts and ends, mean over clips; top = lowest score",
     )

@@ -57,6 +57,20 @@ def token_starts(matrix: np.ndarray, frame_seconds: float) -> np.ndarray:
     return cols[first] * frame_seconds
 
 
+def word_rows(tokens: list[str], end_row: bool) -> list[tuple[str, list[int]]]:
+    """The words spelled by ``tokens`` and the token rows of each (see ``word_timings``)."""
+    words: list[tuple[str, list[int]]] = []
+    n_text = len(tokens) - 1 if end_row else len(tokens)
+    for i, piece in enumerate(tokens[:n_text]):
+        if not any(c.isalnum() or c == "\ufffd" for c in piece):  # U+FFFD: part of a character
+            continue  # punctuation: timed (it ends the word before it) but not a word
+        if piece.startswith(" ") or not words:
+            words.append((piece.strip(), [i]))
+        else:
+            words[-1] = (words[-1][0] + piece, [*words[-1][1], i])
+    return words
+
+
 def word_timings(
     maps: Tensor, tokens: list[str], frame_seconds: float, end_row: bool
 ) -> list[WordTiming]:
@@ -70,17 +84,8 @@ def word_timings(
     """
     starts = token_starts(alignment_matrix(maps), frame_seconds)
     n_frames = maps.shape[-1]
-    words: list[tuple[str, list[int]]] = []
-    n_text = len(tokens) - 1 if end_row else len(tokens)
-    for i, piece in enumerate(tokens[:n_text]):
-        if not any(c.isalnum() or c == "\ufffd" for c in piece):  # U+FFFD: part of a character
-            continue  # punctuation: timed (it ends the word before it) but not a word
-        if piece.startswith(" ") or not words:
-            words.append((piece.strip(), [i]))
-        else:
-            words[-1] = (words[-1][0] + piece, [*words[-1][1], i])
     timings = []
-    for word, rows in words:
+    for word, rows in word_rows(tokens, end_row):
         last = rows[-1]
         end = starts[last + 1] if last + 1 < len(starts) else n_frames * frame_seconds
         timings.append(WordTiming(word, float(starts[rows[0]]), float(max(end, starts[last]))))
