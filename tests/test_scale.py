@@ -7,6 +7,7 @@ line in a subprocess. Every run is compared with the local engine on the same 40
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ import torch
 import attnscope as asc
 from attnscope.cli import main
 from attnscope.errors import AttnscopeError
+from attnscope.mirror import STAGING_ENV
 from attnscope.store import RunStore
 
 ray = pytest.importorskip("ray")
@@ -231,6 +233,40 @@ def test_rerun_resumes_and_clears_half_written_prompts(
     printed = capsys.readouterr().out
     assert "40 prompts done (37 from an earlier run), 0 skipped" in printed
     assert_stored_once_like(out, reference)
+
+
+def test_output_to_a_filesystem_uri_is_staged_copied_and_resumed_from_the_uri(
+    prompts_file, reference, tmp_path, capsys, monkeypatch
+):
+    """``--out file:///...`` goes through pyarrow's filesystem layer as s3:// or gs:// would; a
+    rerun on "another machine" (empty staging) resumes from what the URI holds. The driver
+    copies, whichever the engine: the local one keeps the test short."""
+    remote = tmp_path / "shared" / "c"
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging-a"))
+    args = ["analyze", "--model", "tiny-gpt2", "--prompts", str(prompts_file)]
+    args += ["--out", remote.as_uri(), "--generate", str(GENERATE), "--batch-size", str(BATCH)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "40 prompts done, 0 skipped" in printed and f"copied to: {remote.as_uri()}" in printed
+    assert {p.name for p in remote.iterdir()} == {"corpus.json", "prompts", "report.html"}
+    assert_stored_once_like(remote, reference)
+    # a driver killed while copying p17 (its trace.json, written last, is missing); p03 and p38
+    # never reached the URI; the rerun runs elsewhere, with an empty staging directory
+    (remote / "prompts" / "p17" / "trace.json").unlink()
+    for pid in ("p03", "p38"):
+        shutil.rmtree(remote / "prompts" / pid)
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging-b"))
+    assert main(args) == 0
+    assert "40 prompts done (37 from an earlier run), 0 skipped" in capsys.readouterr().out
+    assert_stored_once_like(remote, reference)
+    manifest = json.loads((remote / "corpus.json").read_text())
+    assert manifest["prompts"] == [pid for pid, _ in PROMPTS] and manifest["failed"] == {}
+
+
+@pytest.mark.parametrize("uri", ["nope://bucket/run", "hdfs://nohost/run"])
+def test_an_output_uri_that_cannot_be_opened_is_named(uri):
+    with pytest.raises(AttnscopeError, match=f"cannot open the output URI {uri}: .*local path"):
+        asc.analyze_corpus("tiny-gpt2", PROMPTS[:2], out=uri, progress=False)
 
 
 def test_a_model_or_workers_that_cannot_run_fail_plainly_and_leave_no_run(local_ray, tmp_path):
