@@ -11,7 +11,10 @@ global-head mean FAI over the response, on layers sampled from the middle third.
 (b) the share of FAI peaks that have a WAAD peak at most ``k`` tokens before them or at them,
     against the same share with the WAAD peaks moved to random positions of their response.
 
-A *peak* is a local maximum above the response's 80th percentile (``peaks``).
+A *peak* is a local maximum above the response's 80th percentile (``peaks``). ``table2`` sets the
+measurements beside the paper's Table 2 figures (``PUBLISHED_TABLE2``). With ``chat=True`` the
+problems (default: ``two_step_problems``) are asked as user turns under the model's chat template,
+so an instruct model writes its own reasoning trace.
 """
 
 from __future__ import annotations
@@ -26,15 +29,23 @@ from tqdm.auto import tqdm
 
 from attnscope.analyze import analyze
 from attnscope.errors import AttnscopeError
+from attnscope.findings.problems import two_step_problems
 from attnscope.findings.table import Row
 from attnscope.findings.texts import WordProblem, word_problems
 from attnscope.models.loaded import LoadedModel
-from attnscope.rhythm import RhythmConfig, rhythm
+from attnscope.rhythm import RhythmConfig, rhythm, sample_layers
 
 PEAK_QUANTILE = 0.8
 LOOKBACK = 3  # an FAI peak at t counts as coupled when a WAAD peak lies in [t - k, t]
 METRICS = ("waad", "mean_distance", "entropy", "fai")  # what rhythm() reads
 MIN_RESPONSE = 16  # shorter responses (early end of text) are skipped and counted
+# Li et al. 2025, Table 2 (Qwen3-4B-Base, GSM8K, 70 problems), as printed:
+# statistic -> (name, random, observed, lift)
+PUBLISHED_TABLE2 = {
+    "entropy": ("(a) token entropy at WAAD peaks", 0.2386, 0.3608, "+51.97%"),
+    "receiver": ("receiver-head / global FAI peak co-occurrence", 0.2241, 0.6084, "+171.49%"),
+    "coupling": ("(b) FAI peak follows or coincides with a WAAD peak", 0.3687, 0.5253, "+42.47%"),
+}
 
 
 def peaks(x: Tensor, quantile: float = PEAK_QUANTILE) -> Tensor:
@@ -157,6 +168,7 @@ class RhythmSample:
 class RhythmResult:
     model: str
     samples: list[RhythmSample]
+    chat: bool  # the problems were asked under the chat template
     layers: list[int]  # layers rhythm() read
     entropy: Comparison  # (a) at the distribution each peak token was drawn from
     entropy_next: Comparison  # (a') at the distribution the peak row computes
@@ -203,6 +215,33 @@ class RhythmResult:
         )
         return fig
 
+    @property
+    def problems_text(self) -> str:
+        if self.chat:
+            return "two-step word problems asked under the chat template"
+        return "templated word problems"
+
+    def table2(self) -> str:
+        """Markdown: the paper's Table 2 figures (random, observed, lift as printed) beside ours
+        (lift = (observed - random) / random)."""
+        ours = {"entropy": self.entropy, "coupling": self.coupling}
+        lines = [
+            "| statistic | paper: random | paper: observed | paper: lift | ours: random | "
+            "ours: observed | ours: lift | ours: p |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for key, (name, p_random, p_observed, p_lift) in PUBLISHED_TABLE2.items():
+            paper = f"{_fmt(key, p_random)} | {_fmt(key, p_observed)} | {p_lift}"
+            c = ours.get(key)
+            mine = (
+                f"{_fmt(key, c.baseline)} | {_fmt(key, c.observed)} | "
+                f"{_lift(c.baseline, c.observed)} | {c.p_text}"
+                if c is not None
+                else "not measured | | |"
+            )
+            lines.append(f"| {name} | {paper} | {mine} |")
+        return "\n".join(lines)
+
     def verdict(self, alpha: float = 0.05) -> str:
         def part(name: str, c: Comparison) -> str:
             if c.observed <= c.baseline:
@@ -233,7 +272,7 @@ class RhythmResult:
             f"{nxt.p_text}). (b) {100 * c.observed:.0f}% of {n_anchor} FAI peaks have a WAAD "
             f"peak within {self.k} tokens before or at them vs {100 * c.baseline:.0f}% with the "
             f"WAAD peaks shuffled ({c.p_text})",
-            how=f"{self.model}, {len(self.samples)} templated word problems ({self.skipped} left "
+            how=f"{self.model}, {len(self.samples)} {self.problems_text} ({self.skipped} left "
             f"out: answer under {MIN_RESPONSE} tokens), greedy up to {self.n_new} new tokens; "
             f"attnscope.rhythm: local-head WAAD, global-head FAI over response rows, layers "
             f"{self.layers}; peak = local maximum above the response's {self.quantile:.0%} "
@@ -244,11 +283,21 @@ class RhythmResult:
         )
 
 
+def _fmt(key: str, value: float) -> str:
+    return f"{value:.4f} nats" if key == "entropy" else f"{100 * value:.2f}%"
+
+
+def _lift(random: float, observed: float) -> str:
+    return f"{100 * (observed - random) / random:+.2f}%" if random else "n/a"
+
+
 def measure_rhythm(
     lm: LoadedModel,
     n_samples: int = 32,
     generate: int = 64,
     *,
+    chat: bool = False,
+    problems: list[WordProblem] | None = None,
     k: int = LOOKBACK,
     quantile: float = PEAK_QUANTILE,
     n_shuffles: int = 2000,
@@ -256,17 +305,61 @@ def measure_rhythm(
     seed: int = 0,
     progress: bool = True,
 ) -> RhythmResult:
-    """Generate greedily for ``n_samples`` word problems and compare the rhythm's peaks."""
+    """Generate greedily for ``n_samples`` word problems and compare the rhythm's peaks.
+
+    ``problems``: default ``word_problems`` in their question / answer frame, or with ``chat``
+    ``two_step_problems`` asked as user turns under the chat template. The two halves,
+    ``rhythm_samples`` and ``compare_samples``, let a caller spread the problems over processes.
+    """
+    start = time.perf_counter()
+    if problems is None:
+        problems = (two_step_problems if chat else word_problems)(n_samples, seed)
+    samples, layers, skipped = rhythm_samples(
+        lm, problems, generate, chat=chat, quantile=quantile, config=config, progress=progress
+    )
+    return compare_samples(
+        lm.name,
+        samples,
+        layers,
+        skipped,
+        chat=chat,
+        n_new=generate,
+        k=k,
+        quantile=quantile,
+        n_shuffles=n_shuffles,
+        seed=seed,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def rhythm_samples(
+    lm: LoadedModel,
+    problems: list[WordProblem],
+    generate: int,
+    *,
+    chat: bool = False,
+    quantile: float = PEAK_QUANTILE,
+    config: RhythmConfig | None = None,
+    progress: bool = True,
+) -> tuple[list[RhythmSample], list[int], int]:
+    """The greedy answer to each problem with its rhythm signals, entropies and peaks; the layers
+    read; how many answers were too short (under ``MIN_RESPONSE`` tokens) and left out."""
     if lm.kind != "causal-lm":
         raise AttnscopeError(f"the rhythm needs a causal LM; {lm.name!r} is a {lm.kind} model")
-    start = time.perf_counter()
     config = config or RhythmConfig()
+    depth = lm.model.config.get_text_config().num_hidden_layers
     samples, layers, skipped = [], [], 0
-    for problem in tqdm(
-        word_problems(n_samples, seed), desc="rhythm", unit="problem", disable=not progress
-    ):
+    for problem in tqdm(problems, desc="rhythm", unit="problem", disable=not progress):
         trace = analyze(
-            lm, problem.prompt, generate, metrics=METRICS, fai_rows="response", progress=False
+            lm,
+            problem.question if chat else problem.prompt,
+            generate,
+            chat=chat,
+            metrics=METRICS,
+            fai_rows="response",
+            layers=tuple(sample_layers(depth, config.n_layers)),  # the layers rhythm() reads
+            keep_qk=False,
+            progress=False,
         )
         r0, r1 = trace.spans.get("response", (0, 0))
         if r1 - r0 < MIN_RESPONSE:  # stopped (end of text) almost at once: no rhythm to read
@@ -288,12 +381,33 @@ def measure_rhythm(
             )
         )
         layers = r.layers
+    return samples, layers, skipped
+
+
+def compare_samples(
+    model: str,
+    samples: list[RhythmSample],
+    layers: list[int],
+    skipped: int,
+    *,
+    chat: bool,
+    n_new: int,
+    k: int = LOOKBACK,
+    quantile: float = PEAK_QUANTILE,
+    n_shuffles: int = 2000,
+    seed: int = 0,
+    seconds: float = 0.0,
+) -> RhythmResult:
+    """(a) and (b) over the pooled ``samples`` of ``rhythm_samples``."""
     if not samples:
-        raise AttnscopeError(f"all {n_samples} responses ended within {MIN_RESPONSE} tokens")
+        raise AttnscopeError(
+            f"all {skipped} responses ended within {MIN_RESPONSE} tokens: no rhythm to compare"
+        )
     waad_peaks = [s.waad_peaks for s in samples]
     return RhythmResult(
-        model=lm.name,
+        model=model,
         samples=samples,
+        chat=chat,
         layers=layers,
         entropy=entropy_at_peaks([s.entropy for s in samples], waad_peaks, n_shuffles, seed),
         entropy_next=entropy_at_peaks(
@@ -302,7 +416,7 @@ def measure_rhythm(
         coupling=anchor_coupling([s.fai_peaks for s in samples], waad_peaks, k, n_shuffles, seed),
         k=k,
         quantile=quantile,
-        n_new=generate,
+        n_new=n_new,
         skipped=skipped,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
     )

