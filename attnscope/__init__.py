@@ -25,8 +25,11 @@ if TYPE_CHECKING:
     from attnscope.models.loaded import LoadedModel
     from attnscope.models.loader import load
     from attnscope.probes.capture import Capture, capture
+    from attnscope.probes.valuenorm import value_norm
     from attnscope.store import RunStore
+    from attnscope.taxonomy.detect import heads
     from attnscope.trace import Trace
+    from attnscope.vision import analyze_vit
 
 __version__ = "0.1.0"
 
@@ -38,10 +41,13 @@ __all__ = [
     "Trace",
     "analyze",
     "analyze_corpus",
+    "analyze_vit",
     "capture",
+    "heads",
     "kernels",
     "load",
     "metrics",
+    "value_norm",
 ]
 
 _SOURCES: dict[str, str | None] = {  # public name -> its module (None: the submodule itself)
@@ -52,10 +58,13 @@ _SOURCES: dict[str, str | None] = {  # public name -> its module (None: the subm
     "Trace": "attnscope.trace",
     "analyze": "attnscope.analyze",
     "analyze_corpus": "attnscope.corpus",
+    "analyze_vit": "attnscope.vision",
     "capture": "attnscope.probes.capture",
+    "heads": "attnscope.taxonomy.detect",
     "kernels": None,
     "load": "attnscope.models.loader",
     "metrics": None,
+    "value_norm": "attnscope.probes.valuenorm",
 }
 __getattr__, __dir__ = lazy_names(__name__, _SOURCES, __all__)
 

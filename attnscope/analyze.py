@@ -15,9 +15,12 @@ from attnscope.kernels.config import StatsConfig
 from attnscope.models.loaded import LoadedModel
 from attnscope.models.loader import input_device
 from attnscope.probes.capture import Capture
-from attnscope.trace import Trace
+from attnscope.probes.session import layer_progress
+from attnscope.trace import QK_DISK_DTYPE, Trace
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+LONG_INPUT = 2048  # tokens from which a forward shows a progress bar per attention layer
+QK_BUDGET = 64 * 2**20  # bytes of float16 queries/keys a single run keeps by default
 
 
 def analyze(
@@ -25,6 +28,7 @@ def analyze(
     text: str,
     generate: int = 0,
     *,
+    chat: bool = False,
     config: StatsConfig | None = None,
     progress: bool = True,
     **stats: Any,
@@ -34,23 +38,36 @@ def analyze(
     ``config`` (``StatsConfig``) says what to compute; keyword ``stats`` override its fields
     (``metrics``, ``layers``, ``backend``, ``window``, ``fai_horizon``, ``fai_rows``,
     ``sink_tokens``, ``spans``, ``keep_qk``). ``trace.spans`` holds ``prompt`` and, when
-    generating, ``response``. ``fai_rows="response"`` restricts FAI to response rows, as in
-    reasoning-trace analyses. ``keep_qk`` keeps the post-RoPE queries and keys of those layers
-    (True: all) for attention heatmaps on demand.
+    generating, ``response``. ``chat``: ``text`` is one user turn, run under the tokenizer's chat
+    template with the assistant's turn opened (``chat_text``); the ``prompt`` span and
+    ``meta["text"]`` are then the templated prompt. ``fai_rows="response"`` restricts FAI to
+    response rows, as in reasoning-trace analyses. ``keep_qk`` keeps the post-RoPE queries and keys of those layers
+    (True: all) for attention rows and heatmaps on demand; by default every layer's while they
+    fit ``QK_BUDGET`` as float16, else none (``meta["qk_note"]`` says how to keep some).
     """
     check_text(text)
+    budget_qk = config is None and "keep_qk" not in stats
     config = StatsConfig.build(config, **stats)
     if lm.kind not in ("causal-lm", "encoder"):
         raise AttnscopeError(
             f"analyze() takes text models; {lm.name!r} is a {lm.kind} model "
             "(speech and VLM analyses have their own commands)"
         )
+    if lm.tokenizer is None:
+        raise AttnscopeError(
+            f"{lm.name!r} reads images, not text: analyse an image with "
+            "asc.analyze_vit(image, model=...) (CLI: attnscope vit IMAGE)"
+        )
     if generate < 0:
         raise ValueError(f"generate must be >= 0, got {generate}")
     if generate and lm.kind != "causal-lm":
         raise AttnscopeError(f"{lm.name!r} is an encoder: it cannot generate (use generate=0)")
     model, tok = lm.model, lm.tokenizer
-    ids = tok(text, return_tensors="pt").input_ids.to(input_device(model))  # [1, T0]
+    if chat:
+        text = chat_text(lm, text)
+    # a chat template writes its own special tokens
+    ids = tok(text, return_tensors="pt", add_special_tokens=not chat).input_ids  # [1, T0]
+    ids = ids.to(input_device(model))
     n_prompt = ids.shape[1]
     if n_prompt == 0:
         raise AttnscopeError(
@@ -59,16 +76,59 @@ def analyze(
         )
     check_context(lm, n_prompt + generate)
     _check_spans(config, n_prompt + generate)
+    qk_note = ""
+    if budget_qk:
+        keep_qk, qk_note = qk_within_budget(model.config, n_prompt + generate, config.layers)
+        config = config.replace(keep_qk=keep_qk)
     cap = Capture(model, config=config.resolved(n_prompt, n_prompt + generate), tokenizer=tok)
     start = time.perf_counter()
     with torch.no_grad(), cap:
         if generate:
             _generate(model, tok, ids, generate, progress)
-        elif lm.kind == "causal-lm":
-            model(input_ids=ids, logits_to_keep=1)
-        else:
-            model(input_ids=ids)
-    return label_run(cap.trace, lm, n_prompt, text, start)
+        else:  # long forwards show their progress layer by layer
+            with layer_progress(model, disable=not progress or n_prompt < LONG_INPUT):
+                if lm.kind == "causal-lm":
+                    model(input_ids=ids, logits_to_keep=1)
+                else:
+                    model(input_ids=ids)
+    trace = label_run(cap.trace, lm, n_prompt, text, start)
+    trace.meta["chat"] = chat
+    if qk_note:
+        trace.meta["qk_note"] = qk_note
+    return trace
+
+
+def qk_within_budget(
+    model_config: Any, n_tokens: int, layers: tuple[int, ...] | None, budget: int = QK_BUDGET
+) -> tuple[bool, str]:
+    """Whether a single run keeps the queries/keys of every captured layer by default: when they
+    fit ``budget`` bytes as float16; else False and a note saying how to keep some."""
+    text = model_config.get_text_config()
+    n_q = text.num_attention_heads
+    n_kv = getattr(text, "num_key_value_heads", None) or n_q
+    dim = getattr(text, "head_dim", None) or text.hidden_size // n_q
+    n_layers = len(layers) if layers is not None else text.num_hidden_layers
+    need = n_layers * n_tokens * (n_q + n_kv) * dim * QK_DISK_DTYPE.itemsize
+    if need <= budget:
+        return True, ""
+    return False, (
+        f"queries/keys not kept: all {n_layers} layers need {need / 2**20:.0f} MB for "
+        f"{n_tokens} tokens, over the {budget // 2**20} MB default; keep some layers with "
+        "--keep-qk 0,6,11 (keep_qk=[0, 6, 11]) or all with --keep-qk all"
+    )
+
+
+def chat_text(lm: LoadedModel, text: str) -> str:
+    """``text`` as one user turn under the tokenizer's chat template, the assistant's turn opened
+    (tokenize it with ``add_special_tokens=False``)."""
+    template = getattr(lm.tokenizer, "chat_template", None)
+    if lm.kind != "causal-lm" or not template:
+        raise AttnscopeError(
+            f"{lm.name!r} has no chat template in its tokenizer: analyse the text as it is "
+            "(without chat=True / --chat), or use an instruct model such as smollm2-135m-instruct"
+        )
+    messages = [{"role": "user", "content": text}]
+    return lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def check_text(text: Any, what: str = "the prompt") -> None:

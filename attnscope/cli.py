@@ -7,6 +7,8 @@
   rl-demo    GRPO with coupled attention credit vs plain, on a toy task
   vlm        where a VLM's tokens look in images, with interventions
   speech     cross-attention vs saliency and word timings on speech
+  vit        a vision transformer's attention on an image vs its own saliency
+  heads      the head taxonomy of a causal LM: one table of head scores and labels
 
 `attnscope COMMAND --help` lists a subcommand's options and their defaults.
 """
@@ -31,6 +33,8 @@ SUBCOMMANDS = {  # name -> summary, as in the module docstring
     "rl-demo": "GRPO with coupled attention credit vs plain, on a toy task",
     "vlm": "where a VLM's tokens look in images, with interventions",
     "speech": "cross-attention vs saliency and word timings on speech",
+    "vit": "a vision transformer's attention on an image vs its own saliency",
+    "heads": "the head taxonomy of a causal LM: one table of head scores and labels",
 }
 DEMO_PROMPT = (
     "Question: Tom has 3 boxes with 4 apples in each box. He eats 2 apples. "
@@ -77,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="greedy tokens to generate after the prompt; 0 analyses the prompt alone",
     )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="run the prompt (each prompt of --prompts) as a user turn under the model's chat "
+        "template, the assistant's turn opened (instruct models, e.g. smollm2-135m-instruct)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (with --prompts)")
     p.add_argument(
         "--engine",
@@ -116,13 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", default="auto", help="statistics backend: auto | chunked | dense | triton"
     )
     p.add_argument(
+        "--fused",
+        action="store_true",
+        help="compute each captured layer's attention output with its statistics in one pass "
+        "(exact_logits=False: faster on long inputs; logits within fp tolerance of SDPA)",
+    )
+    p.add_argument(
         "--layers", default=None, help=f"layers to capture (default: all): {LAYERS_SYNTAX}"
     )
     p.add_argument(
         "--keep-qk",
         default=None,
-        help="layers whose queries/keys are kept for heatmaps (default: none): 'all' or "
-        + LAYERS_SYNTAX,
+        help="layers whose queries/keys are kept for attention rows and heatmaps (default: "
+        "all layers of a single run while they fit 64 MB as float16, none for a corpus): 'all' "
+        "or " + LAYERS_SYNTAX,
     )
 
     command("models")
@@ -212,6 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--duration", type=float, default=None, help="length of the window, seconds (default: all)"
     )
+
+    p = command("vit")
+    p.add_argument("image", nargs="?", default=None, help="image file (default: a demo scene)")
+    p.add_argument("--model", default="dinov2-small", help="DINOv2 alias or local directory")
+    p.add_argument("--out", default="runs/vit", help="run directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+    p = command("heads")
+    p.add_argument("--model", default="gemma3-270m", help="causal LM alias, directory or HF id")
+    p.add_argument("--text", default=None, help="detector text (default: English paragraphs)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens of the detector text")
+    p.add_argument("--random", type=int, default=50, help="random tokens, repeated (induction)")
+    p.add_argument(
+        "--retrieval", type=int, default=0, help="needle prompts for retrieval scores (0: none)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens and needles")
+    p.add_argument("--out", default=None, help="run directory to write (trace + heads.parquet)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     return parser
 
 

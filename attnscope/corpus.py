@@ -10,6 +10,9 @@ producing pad tokens that would attend), then each batch's final sequences (prom
 to and including the first end-of-sequence token) go through one left-padded forward pass under
 ``Capture``, which drops the padding of every sequence.
 
+``out`` may also be a filesystem URI (object storage, a shared filesystem): the run is staged in
+a local directory and copied there prompt by prompt (``attnscope.mirror``).
+
 Engines: ``"local"`` analyses in this process (``analyze_in_batches``); ``attnscope.scale``
 runs the same function in Ray actors. Either way this process is the only writer of ``out``: it
 stores each prompt it receives unless it is stored already (a retried task's second copy).
@@ -31,7 +34,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from attnscope.analyze import check_context, check_text, check_unicode, label_run
+from attnscope.analyze import chat_text, check_context, check_text, check_unicode, label_run
 from attnscope.atomic import (
     check_target,
     claim,
@@ -50,6 +53,7 @@ from attnscope.generation import (
     padded_positions,
 )
 from attnscope.kernels.config import RESPONSE, StatsConfig
+from attnscope.mirror import RunMirror, is_uri
 from attnscope.models.loaded import LoadedModel
 from attnscope.models.loader import input_device, load
 from attnscope.probes.capture import Capture, check_layers
@@ -107,6 +111,7 @@ def analyze_corpus(
     generate: int = 0,
     *,
     out: str | Path,
+    chat: bool = False,
     batch_size: int = 8,
     config: StatsConfig | None = None,
     overwrite: bool = False,
@@ -119,9 +124,10 @@ def analyze_corpus(
 
     ``prompts``: texts (id = index), ``(id, text)`` pairs or ``{"prompt": ..., "id": ...}`` dicts.
     ``config`` (``StatsConfig``; keyword ``stats`` override its fields) says what to compute.
-    ``lm`` may be a model name, then loaded only once ``out`` is known to be usable. An existing
-    ``out`` of the same model, parameters and prompts is resumed; one that differs is refused
-    unless ``overwrite``. A prompt that fails (too long for the context, an exception in its
+    ``chat``: each prompt is one user turn under the tokenizer's chat template (as in
+    ``analyze``; local engine only). ``lm`` may be a model name, then loaded only once ``out`` is
+    known to be usable. An existing ``out`` of the same model, parameters and prompts is
+    resumed; one that differs is refused unless ``overwrite``. A prompt that fails (too long for the context, an exception in its
     batch) is reported on stderr, recorded in ``corpus.json`` and skipped; a later call retries it.
     ``fai_rows="response"`` batches only prompts of equal token length together (the FAI rows
     of a batch are shared). Causal language models only (padding is dropped for causal attention).
@@ -133,19 +139,27 @@ def analyze_corpus(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     engine = _engine(engine)
+    if chat and engine != "local":
+        raise AttnscopeError(
+            "chat templates are applied by the local engine only: use engine='local' "
+            "(CLI: --engine local) with chat=True (--chat)"
+        )
     config = StatsConfig.build(config, **stats)  # checks metrics, backend and window once
     entries = prompt_list(prompts)
-    if "://" in str(out):
-        raise AttnscopeError(
-            f"out must be a directory path (local, or a mounted shared filesystem), not the URI "
-            f"{out}: write to a path, then copy the run"
-        )
-    out = Path(out)
+    mirror = RunMirror.of(str(out)) if is_uri(out) else None
+    if mirror is not None:  # staged here, copied to the URI prompt by prompt
+        mirror.pull()
+    out = Path(out) if mirror is None else mirror.staging
     manifest = {
         "format": CORPUS_FORMAT,
         "format_version": CORPUS_VERSION,
         "model": lm if isinstance(lm, str) else lm.name,
-        "parameters": {"generate": generate, **config.to_json()},
+        # "chat" only when set: corpus runs written before the option stay resumable
+        "parameters": {
+            "generate": generate,
+            **config.to_json(),
+            **({"chat": True} if chat else {}),
+        },
         "prompts_sha256": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
         "prompts": [pid for pid, _ in entries],
         "failed": {},
@@ -166,13 +180,13 @@ def analyze_corpus(
             check_model(lm, config)
         with tqdm(desc="analyzing", disable=not progress) as bar:
             if engine == "local":
-                results = analyze_in_batches(lm, todo, generate, config, batch_size, bar)
+                results = analyze_in_batches(lm, todo, generate, config, batch_size, bar, chat=chat)
             else:
                 from attnscope.scale import ray_batches
 
                 model = manifest["model"]
                 results = ray_batches(engine, model, todo, generate, config, batch_size, bar)
-            summary = _store(out, manifest, resume, overwrite, results, bar)
+            summary = _store(out, manifest, resume, overwrite, results, bar, mirror)
         summary.done = [pid for pid, _ in entries if (prompts_dir / pid / TRACE_FILE).is_file()]
         summary.resumed = resumed
         return summary
@@ -196,14 +210,20 @@ def analyze_in_batches(
     config: StatsConfig,
     batch_size: int,
     bar: tqdm,
+    *,
+    chat: bool = False,
 ) -> Iterator[BatchResult]:
-    """The engine of one process: the ``(id, text)`` prompts tokenized, those too long for the
-    context failed at once (one result), the rest in batches of ``batch_size`` sorted by token
-    count, each batch's traces or the error that ended it. ``bar`` counts tokens."""
+    """The engine of one process: the ``(id, text)`` prompts tokenized (``chat``: as user turns
+    under the chat template), those too long for the context failed at once (one result), the
+    rest in batches of ``batch_size`` sorted by token count, each batch's traces or the error
+    that ended it. ``bar`` counts tokens."""
     todo: list[_Prompt] = []
     too_long: list[tuple[str, Storable | str]] = []
+    if chat:
+        entries = [(pid, chat_text(lm, text)) for pid, text in entries]
     for pid, text in entries:
-        ids = lm.tokenizer(text, return_tensors="pt").input_ids[0]  # [T0]
+        # [T0]; a chat template writes its own special tokens
+        ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=not chat).input_ids[0]
         try:
             check_context(lm, len(ids) + generate)
         except AttnscopeError as err:
@@ -368,10 +388,18 @@ def _store(
     overwrite: bool,
     results: Iterator[BatchResult],
     bar: tqdm,
+    mirror: RunMirror | None = None,
 ) -> CorpusSummary:
     """Store each prompt of ``results`` atomically unless it is stored already, record the
     failures in ``corpus.json``. ``out`` is opened (``_open_out``) with the first result, so an
-    engine that fails before any (a model that does not load) leaves no run behind."""
+    engine that fails before any (a model that does not load) leaves no run behind. ``mirror``
+    copies each stored prompt and manifest to its URI."""
+
+    def write_manifest() -> None:
+        write_file_atomically(out / CORPUS_FILE, json.dumps(manifest, indent=1))
+        if mirror is not None:
+            mirror.push_file(CORPUS_FILE)
+
     prompts_dir = out / PROMPTS_DIR
     failed: dict[str, str] = manifest["failed"]
     tokens, first = 0, float("inf")
@@ -380,7 +408,7 @@ def _store(
     def open_once() -> None:
         if first == float("inf"):  # no result yet, so out is not open yet
             _open_out(out, resume, manifest, overwrite)
-            write_file_atomically(out / CORPUS_FILE, json.dumps(manifest, indent=1))
+            write_manifest()
 
     for result in results:
         open_once()
@@ -394,6 +422,8 @@ def _store(
                 continue
             try:
                 outcome.save(prompts_dir / pid)
+                if mirror is not None:
+                    mirror.push_prompt(pid)
             except Exception as err:  # reported and skipped, like a failed batch
                 errors[pid] = f"{type(err).__name__}: {err}"
                 continue
@@ -403,7 +433,7 @@ def _store(
                 nodes[result.node] += 1
         if errors:
             _fail(failed, errors)
-            write_file_atomically(out / CORPUS_FILE, json.dumps(manifest, indent=1))
+            write_manifest()
         seconds = max(time.time() - first, 1e-9)
         bar.set_postfix({"skipped": len(failed), "tok/s": f"{tokens / seconds:.0f}"})
     open_once()

@@ -26,6 +26,9 @@ FORMAT_VERSION = RUN_VERSION
 INDEX_COLUMNS = ("layer", "head", "position", "token")
 
 
+QK_DISK_DTYPE = torch.float16
+
+
 class StoredQK(Mapping[int, tuple[Tensor, Tensor]]):
     """Kept queries and keys of a saved run, ``layer -> (q [Hq, T, D], k [Hkv, Tk, D])``.
 
@@ -62,8 +65,8 @@ class StoredQK(Mapping[int, tuple[Tensor, Tensor]]):
     def __getitem__(self, layer: int) -> tuple[Tensor, Tensor]:
         if layer not in self.layers:
             raise KeyError(layer)
-        with self._open() as f:
-            return f.get_tensor(f"q.{layer}"), f.get_tensor(f"k.{layer}")
+        with self._open() as f:  # stored as float16: computed with in float32
+            return f.get_tensor(f"q.{layer}").float(), f.get_tensor(f"k.{layer}").float()
 
     def __contains__(self, layer: object) -> bool:  # Mapping's default would read the tensors
         return layer in self.layers
@@ -138,6 +141,14 @@ class Trace:
         bool ``[L, H]`` each."""
         return {**self.head_groups(fraction), "sink": self.sink_heads(eps)}
 
+    def heads(self) -> pa.Table:
+        """One row per (layer, head): every head score this trace's metrics give (detectors with
+        TransformerLens semantics, lookback, receiver, sink, span) and a label
+        (``attnscope.headtable``)."""
+        from attnscope.headtable import head_table
+
+        return head_table(self)
+
     # -- tables and files -------------------------------------------------------------------
     def to_arrow(self) -> pa.Table:
         """Long table: one row per (layer, head, position) with the token and every metric."""
@@ -187,8 +198,8 @@ class Trace:
         def fill(tmp: Path) -> None:
             pq.write_table(self.to_arrow(), tmp / STATS_FILE, compression="zstd")
             if self.qk:
-                tensors = {
-                    f"{kind}.{layer}": t.contiguous()
+                tensors = {  # float16 on disk: half the size, ample for the views' rows
+                    f"{kind}.{layer}": t.to(QK_DISK_DTYPE).contiguous()
                     for layer, pair in self.qk.items()
                     for kind, t in zip("qk", pair, strict=True)
                 }

@@ -4,6 +4,11 @@ Gemma-3-270M (packaged weights) at T = 512, 2048, 4096 tokens: wall time and pea
 the loaded model), each side in a fresh subprocess, values checked to agree before any ratio.
 
     python benchmarks/capture.py [--lengths 512 2048 4096] [--reps 3]
+
+``--heads``: the overhead of the head statistics (previous-token, duplicate-token, induction)
+instead: capture with them vs the plain forward, alternated in one process, at 4096 tokens.
+
+    python benchmarks/capture.py --heads [--lengths 4096] [--reps 5]
 """
 
 from __future__ import annotations
@@ -99,12 +104,71 @@ def child(side: str, n: int, reps: int, out: str) -> None:
     print(json.dumps(result))
 
 
+HEAD_METRICS = ("prev_token", "duplicate_token", "induction")
+
+
+def head_overhead(lengths: list[int], reps: int) -> None:
+    """Plain forward vs forward + capture of the head statistics, alternated (a warm-up each)."""
+    import time
+
+    import attnscope as asc
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    lm = asc.load("gemma3-270m")
+    page_in(lm.model)
+    rows = [
+        "| T | plain forward | + head statistics | overhead | backend |",
+        "|---|---|---|---|---|",
+    ]
+    for n in lengths:
+        ids = token_ids(lm.tokenizer, n)
+        times: dict[str, list[float]] = {"plain": [], "heads": []}
+        backend = ""
+        for rep in range(reps + 1):
+            for side in ("plain", "heads"):
+                start = time.perf_counter()
+                with torch.no_grad():
+                    if side == "plain":
+                        lm.model(input_ids=ids, logits_to_keep=1)
+                    else:
+                        with asc.capture(lm.model, metrics=HEAD_METRICS) as cap:
+                            lm.model(input_ids=ids, logits_to_keep=1)
+                        backend = cap.trace.meta["backend"]
+                if rep:  # the first round warms up
+                    times[side].append(time.perf_counter() - start)
+        plain, heads = times["plain"], times["heads"]
+        ratios = sorted(h / p for h, p in zip(heads, plain, strict=True))
+        line = (
+            f"| {n} | {fmt_time(plain)} | {fmt_time(heads)} | {ratio(plain, heads)} the plain time "
+            f"(per-pair ratios {ratios[0]:.2f}-{ratios[-1]:.2f}) | {backend} |"
+        )
+        print(line, flush=True)
+        rows.append(line)
+    note = (
+        f"Gemma-3-270M fp32, all 18 layers, SDPA forward, metrics {', '.join(HEAD_METRICS)} "
+        f"(the backend computes each row's log-normaliser; the lookups add O(pairs) single "
+        f"weights). Plain and captured forwards alternated in one process, {reps} pairs after a "
+        f"warm-up pair; median (min-max); torch threads = {os.cpu_count()}; goal <= 1.5x."
+    )
+    write_section(
+        "Head statistics overhead (CPU)",
+        "python benchmarks/capture.py --heads",
+        note + "\n\n" + "\n".join(rows),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--heads", action="store_true", help="head statistics vs plain forward")
     parser.add_argument("--child", nargs=4, metavar=("SIDE", "T", "REPS", "OUT"))
     args = parser.parse_args()
+    if args.heads:
+        head_overhead(args.lengths or [4096], args.reps or 5)
+        return
+    args.lengths = args.lengths or [512, 2048, 4096]
+    args.reps = args.reps or 3
     if args.child:
         side, n, reps, out = args.child
         child(side, int(n), int(reps), out)

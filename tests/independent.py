@@ -135,8 +135,8 @@ def reference_stats(
     sink_plogp = torch.where(p_sink > 0, p_sink * torch.log(p_sink), 0.0)  # NaN rows: 0
     rows = {
         "entropy": torch.where(valid, -(plogp + sink_plogp), nan),
-        "mean_distance": row_mass(dist),
-        "waad": row_mass(dist.clamp(0, window)),
+        "mean_distance": row_mass(dist.abs()),
+        "waad": row_mass(dist.abs().clamp(max=window)),
         "sink_mass": row_mass(in_range(0, sink_tokens)),
         "max_attention": torch.where(valid, a.amax(-1), nan),
     }

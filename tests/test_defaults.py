@@ -235,3 +235,27 @@ def test_rl_demo_default_is_small_and_its_bars_show_arm_and_total(tmp_path: Path
     bars = capsys.readouterr().err.replace("\r", "\n")
     assert "GRPO coupled: 100%" in bars and "GRPO plain: 100%" in bars
     assert "3/3 [" in bars and "0/3 [" in bars
+
+
+def test_single_runs_keep_every_layers_queries_and_keys_within_the_budget() -> None:
+    from transformers import Gemma3TextConfig
+
+    from attnscope.analyze import QK_BUDGET, analyze, qk_within_budget
+
+    lm = load("tiny-llama")
+    n_layers = lm.model.config.num_hidden_layers
+    kept = analyze(lm, "the cat sat on the mat")
+    assert sorted(kept.qk) == list(range(n_layers)) and "qk_note" not in kept.meta
+    asked = analyze(lm, "the cat sat on the mat", keep_qk=[1])
+    assert sorted(asked.qk) == [1]
+    assert not analyze(lm, "the cat sat", keep_qk=False).qk
+    # Gemma-3-270M: 18 layers x (4 query + 1 KV heads) x 256 dims x 2 bytes per token
+    gemma = Gemma3TextConfig(
+        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256
+    )
+    per_token = 18 * 5 * 256 * 2
+    fits = QK_BUDGET // per_token
+    assert qk_within_budget(gemma, fits, None) == (True, "")
+    keep, note = qk_within_budget(gemma, fits + 1, None)
+    assert keep is False and "64 MB" in note and "--keep-qk" in note
+    assert qk_within_budget(gemma, fits + 1, (0, 5))[0] is True  # two layers fit

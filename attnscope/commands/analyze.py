@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if given and args.engine != "ray":
         raise AttnscopeError(f"{', '.join(given)} need --engine ray")
     if args.prompts:
+        if args.fused:
+            raise AttnscopeError("--fused runs a single --prompt; leave it out with --prompts")
         return _corpus(args, layers, keep_qk)
     return _single(args, layers, keep_qk)
 
@@ -68,9 +70,12 @@ def _single(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | b
             lm,
             args.prompt,
             generate=args.generate,
+            chat=args.chat,
             backend=args.backend,
+            exact_logits=not args.fused,
             layers=resolve(layers, n_layers),
-            keep_qk=resolve(keep_qk, n_layers),
+            # without --keep-qk: every layer while they fit the default budget
+            **({} if args.keep_qk is None else {"keep_qk": resolve(keep_qk, n_layers)}),
         )
         trace.save(out, overwrite=args.overwrite, extra=lambda tmp: write_report(trace, tmp))
     report = out / "report.html"
@@ -93,10 +98,12 @@ def _single(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | b
 def _corpus(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | bool) -> int:
     from attnscope.corpus import analyze_corpus, read_prompts
     from attnscope.corpus_report import write_corpus_report
+    from attnscope.mirror import RunMirror, is_uri
     from attnscope.models import load
     from attnscope.store.runs import sql_string
 
-    out = Path(args.out)
+    mirror = RunMirror.of(args.out) if is_uri(args.out) else None
+    out = Path(args.out) if mirror is None else mirror.staging  # a URI's run is staged here
     prompts = read_prompts(args.prompts)
     engine = _engine(args)
     with claim(out, "corpus run"):  # held until the report is written
@@ -111,7 +118,8 @@ def _corpus(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | b
             lm,
             prompts,
             generate=args.generate,
-            out=out,
+            out=args.out if mirror is not None else out,
+            chat=args.chat,
             batch_size=args.batch_size,
             backend=args.backend,
             layers=resolve(layers, n_layers),
@@ -120,6 +128,8 @@ def _corpus(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | b
             engine=engine,
         )
         report = write_corpus_report(out) if summary.done else None
+        if report is not None and mirror is not None:
+            mirror.push_file(report.name)
     resumed = f" ({len(summary.resumed)} from an earlier run)" if summary.resumed else ""
     print(f"{len(summary.done)} prompts done{resumed}, {len(summary.skipped)} skipped")
     if summary.seconds:
@@ -137,6 +147,8 @@ def _corpus(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | b
         "GROUP BY prompt ORDER BY prompt"
     )
     print(f"results: {out} (corpus.json, one run per prompt in prompts/<id>/)")
+    if mirror is not None:
+        print(f"copied to: {mirror.uri} (the directory above is its local staging copy)")
     if report is not None:
         print(f"report:  {report}")
     print(f"query:   attnscope query {_shell_quote(str(out.parent))} {_shell_quote(sql)}")

@@ -1,7 +1,9 @@
 """Backends of ``attention_stats`` and what each can serve; ``auto`` picks the fastest that can.
 
 Every backend declares its capabilities (devices, dtypes, metrics, masks, score biases, spans,
-learned sinks).
+learned sinks). Every backend serves the head metrics (``HEAD_METRICS``): they are computed after it
+from single weights and its log-normaliser (``attnscope.kernels.lookups``), so ``choose`` sees the
+request without them (``lookups.backend_request``).
 ``choose`` returns the backend for a request with the reason, recorded in the trace: ``auto``
 takes the first backend of ``AUTO_ORDER`` that is fast on the request's device and lacks nothing;
 an explicit backend that lacks something fails with an error naming what.
@@ -30,7 +32,7 @@ class Capabilities:
     devices: frozenset[str]  # device types it runs on ("cpu", "cuda", ...); empty: any
     fast_on: frozenset[str]  # device types on which ``auto`` may pick it
     dtypes: frozenset[torch.dtype] = FLOATS
-    metrics: frozenset[str] = ALL_METRICS  # base names (span_mass for every span)
+    metrics: frozenset[str] = ALL_METRICS  # base names (span_mass for every span; HEAD_METRICS)
     score_bias: bool = True  # additive float masks (interventions)
     max_spans: int | None = None
     sinks: bool = True  # learned per-head sink logits in the softmax denominator (gpt-oss)

@@ -1,12 +1,25 @@
 """Chunked backend: exact statistics over blocks of query rows, never the whole L x L matrix.
 
-Memory O(B Hq block Tk). For causal and sliding-window attention each block only scores the keys
-it can see, so the work is about half of the dense computation. Learned sinks enter each row's
-log-normaliser (``StatsRequest.with_sink``): probabilities over the keys sum to 1 minus the sink's.
-Computes and returns statistics in ``req.compute_dtype`` (float32, float64 for float64 inputs).
+Memory O(B Hq block Tk). Each block only scores the keys its rows can see (causal: up to the
+diagonal; sliding windows: a band of ``W`` keys), so Gemma-3's 512-token sliding layers cost
+O(L x 512), not O(L^2); blocks are sized so that rows x visible keys stays near
+``block_elements``. Learned sinks enter each row's log-normaliser (``StatsRequest.with_sink``):
+probabilities over the keys sum to 1 minus the sink's. Computes and returns statistics in
+``req.compute_dtype`` (float32, float64 for float64 inputs).
+
+Two block routines, one result. ``_band_block`` serves the common call (sorted positions shared by
+the batch, no key padding, score bias or sinks; a mask only where it agrees with causality and the
+window inside the visible band): it masks only the key ranges that cross the causal diagonal or the
+window edge, gets every row statistic from one matrix product of the probabilities with a few key
+features (ones, positions, sink and span indicators) plus one row-wise dot for the entropy, and the
+distance-limited terms (WAAD's band, FAI's horizon) from the few keys near the diagonal.
+``_block`` serves everything else, elementwise. With ``value`` (the fused forward,
+``kernels.fused``) each block also computes ``P @ V``: the layer's attention output, same pass.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -16,17 +29,31 @@ from attnscope.kernels.stats import AttentionStats
 from attnscope.kernels.table import SPAN_PREFIX
 from attnscope.metrics.dense import analysed_rows, fai_selection
 
-BLOCK_ELEMENTS = (
-    1 << 22
-)  # score elements per block (16 MiB of fp32), a few temporaries of this size
+# score elements per block (4 MiB of fp32): a few temporaries of this size stay near the CPU's
+# caches; GPUs take larger blocks
+BLOCK_ELEMENTS = 1 << 20
+GPU_BLOCK_ELEMENTS = 1 << 24
+MIN_ROWS = 32  # rows per block at least under a sliding window (fewer blocks, less overhead)
 
 
-def chunked_stats(req: StatsRequest, block_elements: int = BLOCK_ELEMENTS) -> AttentionStats:
+def chunked_stats(req: StatsRequest, block_elements: int | None = None) -> AttentionStats:
+    """The ``chunked`` backend of ``attention_stats``."""
+    return run_blocks(req, None, block_elements)[0]
+
+
+def run_blocks(
+    req: StatsRequest, value: Tensor | None, block_elements: int | None = None
+) -> tuple[AttentionStats, Tensor | None]:
+    """Statistics of ``req`` block by block and, with ``value`` ``[B, Hkv, Tk, Dv]``, the
+    attention output ``softmax(q k^T) v`` ``[B, Hq, Tq, Dv]`` in the compute dtype."""
     b, hq, tq, _ = req.q.shape
     tk = req.k.shape[2]
     dev, dtype = req.q.device, req.compute_dtype
-    block = max(1, min(tq, block_elements // max(1, b * hq * tk)))
-    monotone = bool((req.k_pos[:, 1:] >= req.k_pos[:, :-1]).all()) if tk > 1 else True
+    if block_elements is None:
+        block_elements = BLOCK_ELEMENTS if dev.type == "cpu" else GPU_BLOCK_ELEMENTS
+    per_row = max(1, block_elements // max(1, b * hq))  # block rows x visible keys
+    monotone = _sorted(req.k_pos)
+    band = monotone and _band_request(req)
 
     rows = {m: torch.empty(b, hq, tq, device=dev, dtype=dtype) for m in req.row_metrics}
     lse = torch.empty(b, hq, tq, device=dev, dtype=dtype)
@@ -34,16 +61,46 @@ def chunked_stats(req: StatsRequest, block_elements: int = BLOCK_ELEMENTS) -> At
     counts = {m: torch.zeros(b, 1, tk, device=dev) for m in ("fai", "sink_score") if req.wants(m)}
     if req.mask is not None and req.mask.shape[1] > 1:  # a row may be fully masked in one head
         counts = {m: torch.zeros(b, hq, tk, device=dev) for m in counts}
+    out = None
+    if value is not None:
+        out = torch.zeros(b, hq, tq, value.shape[-1], device=dev, dtype=dtype)
+    scaled = _BandInputs(req, value) if band else None
 
-    for r0 in range(0, tq, block):
-        rs = slice(r0, min(tq, r0 + block))
+    r0 = 0
+    while r0 < tq:
+        rs = slice(r0, min(tq, r0 + _block_rows(req, r0, per_row, monotone)))
         ks = _visible_keys(req, rs, tk) if monotone else slice(0, tk)
+        r0 = rs.stop
         if ks.stop <= ks.start:  # no key visible: every row of the block is fully masked
             for t in (*rows.values(), lse):
                 t[:, :, rs] = float("nan") if t is not lse else float("-inf")
+            if out is not None:  # as in _block: no key, no value
+                out[:, :, rs] = 0.0
             continue
-        _block(req, rs, ks, rows, lse, sums, counts)
-    return AttentionStats(rows, sums, counts, lse, backend="chunked")
+        if scaled is not None and _band_block(scaled, rs, ks, rows, lse, sums, counts, out):
+            continue
+        _block(req, rs, ks, rows, lse, sums, counts, value, out)
+    return AttentionStats(rows, sums, counts, lse, backend="chunked"), out
+
+
+def _sorted(pos: Tensor) -> bool:
+    return pos.shape[1] <= 1 or bool((pos[:, 1:] >= pos[:, :-1]).all())
+
+
+def _block_rows(req: StatsRequest, r0: int, per_row: int, monotone: bool) -> int:
+    """Rows of the block starting at row ``r0``: ``rows x (keys row r0 sees + rows) <= per_row``
+    (causal blocks see up to ``rows`` more keys than their first row)."""
+    tk = req.k.shape[2]
+    width = tk
+    if monotone:
+        seen = _visible_keys(req, slice(r0, r0 + 1), tk)
+        width = max(0, seen.stop - seen.start)
+    if not req.causal and req.sliding_window is None:
+        return max(1, per_row // max(1, tk))
+    rows = int((-width + math.sqrt(width * width + 4 * per_row)) / 2)
+    if req.sliding_window is not None:  # a block sees rows + W keys: keep the waste below 1.5x
+        rows = min(rows, max(MIN_ROWS, req.sliding_window // 2))
+    return max(1, rows)
 
 
 def _visible_keys(req: StatsRequest, rs: slice, tk: int) -> slice:
@@ -58,6 +115,213 @@ def _visible_keys(req: StatsRequest, rs: slice, tk: int) -> slice:
     return slice(lo, max(lo, hi))
 
 
+# -- the banded block: the common call ----------------------------------------------------------
+def _band_request(req: StatsRequest) -> bool:
+    """Whether ``_band_block`` may serve ``req``: sorted positions shared by every sequence of the
+    batch, no key padding, score bias or learned sinks, a mask (if any) shared by the heads."""
+    return (
+        req.key_valid is None
+        and req.bias is None
+        and req.sinks is None
+        and (req.mask is None or req.mask.shape[1] == 1)
+        and _sorted(req.q_pos)
+        and bool((req.q_pos == req.q_pos[:1]).all())
+        and bool((req.k_pos == req.k_pos[:1]).all())
+    )
+
+
+class _BandInputs:
+    """What every banded block reads: scaled queries packed per KV group, keys, values, key
+    features for the row statistics, shared positions."""
+
+    def __init__(self, req: StatsRequest, value: Tensor | None) -> None:
+        b, _, tq, d = req.q.shape
+        hkv = req.k.shape[1]
+        dtype = req.compute_dtype
+        self.req = req
+        scale = req.scale if req.softcap is None else 1.0  # softcap applies to s * scale
+        self.q = (req.q.to(dtype) * scale).reshape(b, hkv, req.groups, tq, d)  # [B, Hkv, G, Tq, D]
+        self.kt = req.k.to(dtype).transpose(-1, -2)  # [B, Hkv, D, Tk]
+        self.v = None if value is None else value.to(dtype)  # [B, Hkv, Tk, Dv]
+        self.qp, self.kp = req.q_pos[0], req.k_pos[0]  # [Tq], [Tk]
+        # key features: 1 (the normaliser), position (causal distance), sink and span indicators
+        kp = self.kp.to(dtype)
+        feats = [torch.ones_like(kp)]
+        self.dist_col = self.span_col = -1
+        if req.wants("mean_distance") and req.causal:
+            self.dist_col = len(feats)
+            feats.append(kp)  # replaced per block by positions relative to its first query
+        spans = {"sink_mass": (0, req.sink_tokens)}
+        spans.update({SPAN_PREFIX + n: se for n, se in req.spans.items()})
+        self.span_cols = {}
+        for name, (start, end) in spans.items():
+            if req.wants(name):
+                self.span_cols[name] = len(feats)
+                feats.append(((self.kp >= start) & (self.kp < end)).to(dtype))
+        self.feats = torch.stack(feats, -1)  # [Tk, F]
+
+    def scores(self, rs: slice, ks: slice) -> Tensor:
+        """Scaled (soft-capped) scores ``[B, Hq, r, k]``, one matrix product per KV group."""
+        req = self.req
+        q = self.q[:, :, :, rs]  # [B, Hkv, G, r, D]
+        b, hkv, g, r, d = q.shape
+        s = torch.matmul(q.reshape(b, hkv, g * r, d), self.kt[..., ks])  # [B, Hkv, G*r, k]
+        s = s.view(b, hkv * g, r, -1)
+        if req.softcap is not None:
+            s = torch.tanh(s * (req.scale / req.softcap)) * req.softcap
+        return s
+
+    def keys(self, lo: int, hi: int, ks: slice) -> slice:
+        """Key indices of ``ks`` with positions in ``[lo, hi]`` (relative slice into ``ks``)."""
+        a = int(torch.searchsorted(self.kp, lo))
+        z = int(torch.searchsorted(self.kp, hi, right=True))
+        a, z = max(a, ks.start), min(z, ks.stop)
+        return slice(a - ks.start, max(a, z) - ks.start)
+
+
+def _band_block(
+    x: _BandInputs,
+    rs: slice,
+    ks: slice,
+    rows: dict[str, Tensor],
+    lse_out: Tensor,
+    sums: dict[str, Tensor],
+    counts: dict[str, Tensor],
+    out: Tensor | None,
+) -> bool:
+    """One block of the common call (``_band_request``). False, with nothing written, when the
+    request's mask removes a key inside the band its positions allow (then ``_block`` runs)."""
+    req = x.req
+    qp = x.qp[rs]  # [r]
+    kp = x.kp[ks]  # [k]
+    t_lo, t_hi = int(qp[0]), int(qp[-1])
+    win = req.sliding_window
+    # keys every row of the block sees by position: the rest of ks crosses the diagonal or edge
+    in_lo = t_hi - win + 1 if win is not None else None
+    in_hi = t_lo if req.causal else None
+    inner = x.keys(
+        in_lo if in_lo is not None else int(kp[0]), in_hi if in_hi is not None else int(kp[-1]), ks
+    )
+    if req.mask is not None and inner.stop > inner.start:
+        kk = slice(ks.start + inner.start, ks.start + inner.stop)
+        if not bool(req.mask[:, :, rs, kk].all()):
+            return False
+    edges = [
+        e
+        for e in (slice(0, inner.start), slice(inner.stop, ks.stop - ks.start))
+        if e.stop > e.start
+    ]
+    if inner.stop <= inner.start:
+        edges = [slice(0, ks.stop - ks.start)]
+
+    s = x.scores(rs, ks)  # [B, Hq, r, k]
+    neg = torch.finfo(s.dtype).min / 2
+    for e in edges:  # causal diagonal, window edge, the request's mask there
+        kk = slice(ks.start + e.start, ks.start + e.stop)
+        allowed = req.allowed(rs, kk)  # [B, 1, r, e]
+        s[..., e] = s[..., e].masked_fill(~allowed, neg)
+    m = s.amax(-1, keepdim=True)  # [B, Hq, r, 1]
+    valid = m > neg / 2  # rows that see a key
+    m = torch.where(valid, m, 0.0)
+    s -= m  # s - m <= 0
+    p = torch.exp(s)  # unnormalised probabilities, 1 at each row's maximum; [B, Hq, r, k]
+    feats = x.feats[ks]  # [k, F]
+    if x.dist_col >= 0:  # positions from the block's first query: no cancellation in fp32
+        feats = feats.clone()
+        feats[:, x.dist_col] = (kp - t_lo).to(s.dtype)
+    feats = torch.matmul(p, feats)  # [B, Hq, r, F]
+    l_sum = feats[..., 0]  # [B, Hq, r]
+    valid = valid[..., 0]
+    inv_l = torch.where(valid, 1.0 / l_sum.clamp_min(1e-30), 0.0)  # [B, Hq, r]
+    nan = torch.tensor(float("nan"), device=s.device, dtype=s.dtype)
+    lse_out[:, :, rs] = torch.where(valid, m[..., 0] + torch.log(l_sum), float("-inf"))
+    rel = (qp - t_lo).to(s.dtype)  # [r] query positions from the block's first
+
+    def per_row(total: Tensor) -> Tensor:  # sum_s p w / l
+        return torch.where(valid, total * inv_l, nan)
+
+    for name, dest in rows.items():
+        if name == "entropy":  # H = log l - sum p (s - m) / l
+            dot = torch.linalg.vecdot(p, s)  # [B, Hq, r]
+            dest[:, :, rs] = torch.where(valid, torch.log(l_sum) - dot * inv_l, nan)
+        elif name == "max_attention":
+            dest[:, :, rs] = torch.where(valid, inv_l, nan)
+        elif name == "mean_distance":
+            if x.dist_col >= 0:  # causal: sum p (t - s) = t l - sum p s
+                dest[:, :, rs] = per_row(rel * l_sum - feats[..., x.dist_col])
+            else:
+                dist = (qp[:, None] - kp[None, :]).to(s.dtype).abs()  # [r, k]
+                dest[:, :, rs] = per_row((p * dist).sum(-1))
+        elif name == "waad":  # W l - sum over the band |t - s| < W of p (W - |t - s|)
+            w = req.window
+            near = x.keys(t_lo - w + 1, t_hi + (0 if req.causal else w - 1), ks)
+            d = (qp[:, None] - x.kp[ks][near][None, :]).to(s.dtype).abs()  # [r, n]
+            close = (p[..., near] * (w - d).clamp_min(0)).sum(-1)
+            dest[:, :, rs] = per_row(w * l_sum - close)
+        else:  # sink_mass, span_mass:NAME
+            dest[:, :, rs] = per_row(feats[..., x.span_cols[name]])
+
+    if out is not None:  # P @ V per KV group, normalised
+        b, hq, r, k = p.shape
+        hkv = x.v.shape[1]
+        pv = torch.matmul(p.view(b, hkv, -1, k), x.v[:, :, ks])  # [B, Hkv, G*r, Dv]
+        out[:, :, rs] = pv.view(b, hq, r, -1) * inv_l[..., None]
+
+    if not sums:
+        return True
+    got = None
+    if "received" in sums or "sink_score" in sums:
+        got = torch.matmul(inv_l[..., None, :], p)[..., 0, :]  # [B, Hq, k] sum_t p / l
+        for name in ("received", "sink_score"):
+            if name in sums:
+                sums[name][:, :, ks] += got
+    row_valid = valid[:, :1]  # [B, 1, r]: the mask is shared by the heads
+    if "sink_score" in counts:
+        cnt = counts["sink_score"]
+        cnt[:, :, ks] += row_valid.sum(-1, keepdim=True).float()
+        for e in edges:  # keys some rows cannot see
+            kk = slice(ks.start + e.start, ks.start + e.stop)
+            unseen = ~req.allowed(rs, kk) & row_valid[..., None]  # [B, 1, r, e]
+            cnt[:, :, kk] -= unseen.sum(-2).float()
+    if "fai" in sums:
+        _band_fai(x, rs, ks, qp, p, inv_l, row_valid, sums["fai"], counts["fai"])
+    return True
+
+
+def _band_fai(
+    x: _BandInputs,
+    rs: slice,
+    ks: slice,
+    qp: Tensor,
+    p: Tensor,
+    inv_l: Tensor,
+    row_valid: Tensor,
+    fai_sum: Tensor,
+    fai_count: Tensor,
+) -> None:
+    """FAI sums over the keys within the horizon of the block's rows (a band of ``hi - lo + 1``
+    keys per row) and its counts over every key the rows count for, seen or not."""
+    req = x.req
+    lo, hi = (1, None) if req.fai_horizon is None else req.fai_horizon
+    t_lo, t_hi = int(qp[0]), int(qp[-1])
+    first = int(x.kp[0]) if hi is None else t_lo - hi
+    row_ok = analysed_rows(row_valid, qp[None, None], req.fai_rows)  # [B, 1, r]
+    everything = slice(0, x.kp.shape[0])
+    near = x.keys(first, t_hi - lo, everything)  # all keys in some row's horizon
+    if near.stop <= near.start:
+        return
+    dist = qp[:, None] - x.kp[near][None, :]  # [r, n]
+    sel = fai_selection(dist, req.fai_horizon) & row_ok[..., None]  # [B, 1, r, n]
+    fai_count[:, :, near] += sel.sum(-2).float()
+    seen = slice(max(near.start, ks.start), min(near.stop, ks.stop))
+    if seen.stop <= seen.start:
+        return
+    part = sel[..., seen.start - near.start : seen.stop - near.start]  # [B, 1, r, n']
+    weighted = p[..., seen.start - ks.start : seen.stop - ks.start] * part  # [B, Hq, r, n']
+    fai_sum[:, :, seen] += torch.matmul(inv_l[..., None, :], weighted)[..., 0, :]
+
+
+# -- the general block ----------------------------------------------------------------------------
 def _block(
     req: StatsRequest,
     rs: slice,
@@ -66,7 +330,11 @@ def _block(
     lse_out: Tensor,
     sums: dict[str, Tensor],
     counts: dict[str, Tensor],
+    value: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> None:
+    """One block of any request, elementwise over ``[B, Hq, r, k]``; with ``value`` also writes
+    the block's attention output into ``out`` (zeros for rows that see no key)."""
     allowed = req.allowed(rs, ks)  # [B, 1|Hq, r, k]
     s = req.scores(rs, ks).masked_fill(~allowed, float("-inf"))  # [B, Hq, r, k]
     lse = req.with_sink(torch.logsumexp(s, -1))[..., None]  # [B, Hq, r, 1], sink included
@@ -81,24 +349,29 @@ def _block(
     def weighted(weight: Tensor) -> Tensor:
         return torch.where(valid[..., 0], (p * weight).sum(-1), nan)
 
-    for name, out in rows.items():
+    for name, dest in rows.items():
         if name == "entropy":  # H = sum p (lse - s), masked keys (p = 0) contributing 0
-            out[:, :, rs] = weighted(torch.where(allowed, lse - s, 0.0))
+            dest[:, :, rs] = weighted(torch.where(allowed, lse - s, 0.0))
             if sink is not None:  # the sink's term p_sink (lse - sink)
-                out[:, :, rs] += sink * (lse[..., 0] - req.sinks.to(s.dtype)[:, None])
+                dest[:, :, rs] += sink * (lse[..., 0] - req.sinks.to(s.dtype)[:, None])
         elif name == "sink_logit_mass":
-            out[:, :, rs] = sink
+            dest[:, :, rs] = sink
         elif name == "mean_distance":
-            out[:, :, rs] = weighted(dist)
+            dest[:, :, rs] = weighted(dist.abs())
         elif name == "waad":
-            out[:, :, rs] = weighted(dist.clamp(0, req.window))
+            dest[:, :, rs] = weighted(dist.abs().clamp(max=req.window))
         elif name == "sink_mass":
-            out[:, :, rs] = weighted(((kp >= 0) & (kp < req.sink_tokens)).to(s.dtype))
+            dest[:, :, rs] = weighted(((kp >= 0) & (kp < req.sink_tokens)).to(s.dtype))
         elif name == "max_attention":
-            out[:, :, rs] = torch.where(valid[..., 0], p.amax(-1), nan)
+            dest[:, :, rs] = torch.where(valid[..., 0], p.amax(-1), nan)
         else:
             start, end = req.spans[name.removeprefix(SPAN_PREFIX)]
-            out[:, :, rs] = weighted(((kp >= start) & (kp < end)).to(s.dtype))
+            dest[:, :, rs] = weighted(((kp >= start) & (kp < end)).to(s.dtype))
+
+    if out is not None:  # P @ V per KV group; p is 0 on masked keys and rows that see none
+        b, hq, r, k = p.shape
+        v = value[:, :, ks].to(p.dtype)  # [B, Hkv, k, Dv]
+        out[:, :, rs] = torch.matmul(p.view(b, v.shape[1], -1, k), v).view(b, hq, r, -1)
 
     if not sums:
         return

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from attnscope.errors import UnsupportedMetricError
-from attnscope.kernels.table import SPAN_PREFIX, known_metrics
+from attnscope.kernels.table import CONTEXT_SPAN, SPAN_PREFIX, known_metrics
 from attnscope.metrics.dense import FAI_HORIZON, WAAD_WINDOW, check_horizon
 
 BACKEND_NAMES = ("auto", "dense", "chunked", "triton")
@@ -25,13 +25,16 @@ class StatsConfig:
     """What to compute and how. Lists become tuples; every value is checked on construction.
 
     metrics: names from the metric table (``attnscope.kernels.table``); None = every row and
-        column metric plus ``span_mass:NAME`` for each span.
+        column metric plus ``span_mass:NAME`` for each span (head metrics only when named).
     layers: layer indices to capture (None = all); keep_qk: layers whose post-RoPE queries and
         keys are kept (True = all, False = none).
     backend: ``auto`` (fastest backend that can serve the request) | dense | chunked | triton.
     window: WAAD window W; fai_horizon: (lo, hi) or None (all later rows); fai_rows: query
         positions [start, end) that FAI averages over, ``"response"``, or None (all).
     sink_tokens: how many leading tokens count as the sink; spans: name -> [start, end).
+    exact_logits: True keeps the model's own attention kernel (bit-identical logits); False lets
+        the capture compute each captured layer's output with its statistics in one pass
+        (``kernels.fused``; logits within floating-point tolerance of SDPA).
     """
 
     metrics: tuple[str, ...] | None = None
@@ -43,6 +46,7 @@ class StatsConfig:
     sink_tokens: int = 1
     spans: tuple[tuple[str, tuple[int, int]], ...] = ()
     keep_qk: tuple[int, ...] | bool = False
+    exact_logits: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise in place once
@@ -69,6 +73,8 @@ class StatsConfig:
             )
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"WAAD window must be an integer >= 1, got {self.window!r}")
+        if not isinstance(self.exact_logits, bool):
+            raise ValueError(f"exact_logits must be True or False, got {self.exact_logits!r}")
         if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
         check_horizon(self.fai_horizon)
@@ -82,12 +88,18 @@ class StatsConfig:
             if end < start:
                 raise ValueError(f"span {name!r} has end {end} < start {start}")
         if self.metrics is not None:
-            known = known_metrics(self.span_names)
+            known = known_metrics(self.span_names, heads=True)
             unknown = [m for m in self.metrics if m not in known]
             if unknown:
                 raise UnsupportedMetricError(
                     f"unknown metric(s) {unknown}; available: {sorted(known)} "
                     f"({SPAN_PREFIX}NAME needs spans={{NAME: (start, end)}})"
+                )
+            context = self.span_dict.get(CONTEXT_SPAN)
+            if "lookback" in self.metrics and (context is None or context[0] != 0):
+                raise UnsupportedMetricError(
+                    f"lookback needs the context as a span {CONTEXT_SPAN!r} = (0, N) (N context "
+                    f"tokens), got {context}: add spans={{{CONTEXT_SPAN!r}: (0, n_prompt)}}"
                 )
 
     # -- views ------------------------------------------------------------------------------------

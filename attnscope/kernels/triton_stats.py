@@ -178,6 +178,8 @@ def _row_kernel(
     SPANS,
     SINKP,
     LSE,
+    V,
+    OUT,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -187,6 +189,9 @@ def _row_kernel(
     stride_mb,
     stride_mh,
     stride_mq,
+    stride_vb,
+    stride_vh,
+    stride_vt,
     Hkv,
     Tq,
     Tk,
@@ -206,6 +211,9 @@ def _row_kernel(
     HAS_KVALID: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_SINKS: tl.constexpr,
+    HAS_V: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     CAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -229,7 +237,7 @@ def _row_kernel(
     span_hi = tl.load(SPAN_HI + ns, mask=ns_ok, other=-FAR)
 
     # running state per row (log2 units): max m, normaliser l, u = sum p (s - m), sums of
-    # p * k_pos, of p * (W - clamp(t - s, 0, W)) and of p over each span
+    # p * k_pos, of p * (W - min(|t - s|, W)) and of p over each span
     if HAS_SINKS:  # the sink is a virtual key: m = sink, l = 1, u = 0; l_keys counts keys only
         sink = tl.load(SINKS + h, mask=row_ok, other=0.0) * LOG2E
         m = sink
@@ -241,8 +249,11 @@ def _row_kernel(
         l_sum = tl.zeros([BLOCK_M], tl.float32)
     u = tl.zeros([BLOCK_M], tl.float32)
     x_kp = tl.zeros([BLOCK_M], tl.float32)
+    x_ahead = tl.zeros([BLOCK_M], tl.float32)  # sum p * (s - t) over keys after t (bidirectional)
     x_near = tl.zeros([BLOCK_M], tl.float32)
     x_span = tl.zeros([BLOCK_M, NS], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)  # P @ V (the fused forward)
+    v_base = V + b * stride_vb + hk * stride_vh
     k_base = K + b * stride_kb + hk * stride_kh
     mask_rows = tl.where(row_ok, b * stride_mb + h * stride_mh + t.to(tl.int64) * stride_mq, -1)
     for start in range(lo, hi, BLOCK_N):
@@ -283,11 +294,14 @@ def _row_kernel(
         u = alpha * (u + l_sum * shift) + tl.sum(p * rel, 1)
         l_sum = alpha * l_sum + p_sum
         x_kp = alpha * x_kp + tl.sum(p * kp_rel[None, :], 1)
+        if not CAUSAL:  # |t - s| = (t - s) + 2 max(s - t, 0)
+            ahead = tl.maximum(kp_rel[None, :] - qp_rel[:, None], 0.0)
+            x_ahead = alpha * x_ahead + tl.sum(p * ahead, 1)
         if HAS_SINKS:
             l_keys = alpha * l_keys + p_sum
             m_keys = tl.maximum(m_keys, m_tile)
         if tl.max(tl.where(col_ok, kp_rel, -window), 0) > -window:  # some key within W
-            near = window - tl.minimum(tl.maximum(qp_rel[:, None] - kp_rel[None, :], 0.0), window)
+            near = window - tl.minimum(tl.abs(qp_rel[:, None] - kp_rel[None, :]), window)
             x_near = alpha * x_near + tl.sum(p * near, 1)
         else:
             x_near = alpha * x_near
@@ -306,6 +320,9 @@ def _row_kernel(
                 )
         else:
             x_span = alpha[:, None] * x_span
+        if HAS_V:  # FlashAttention's forward: rescale, then add this tile's P @ V
+            v = _load(v_base, cols.to(tl.int64) * stride_vt, col_ok, DV, BLOCK_DV, CAST)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
 
     if HAS_SINKS:
@@ -320,13 +337,21 @@ def _row_kernel(
     out = (b * Hkv * groups + h) * Tq + t
     tl.store(LSE + out, tl.where(valid, lse2 * LN2, float("-inf")), mask=row_ok)
     tl.store(ENT + out, tl.where(valid, (log_l - u / safe_l) * LN2, nan), mask=row_ok)
-    tl.store(DIST + out, tl.where(valid, (qp_rel * l_keys - x_kp) / safe_l, nan), mask=row_ok)
+    dist = qp_rel * l_keys - x_kp + 2.0 * x_ahead
+    tl.store(DIST + out, tl.where(valid, dist / safe_l, nan), mask=row_ok)
     tl.store(WAAD + out, tl.where(valid, (window * l_keys - x_near) / safe_l, nan), mask=row_ok)
     if HAS_SINKS:
         tl.store(MAXA + out, tl.where(valid, tl.exp2(m_keys - lse2), nan), mask=row_ok)
         tl.store(SINKP + out, tl.where(valid, tl.exp2(sink - lse2), nan), mask=row_ok)
     else:
         tl.store(MAXA + out, tl.where(valid, 1.0 / safe_l, nan), mask=row_ok)
+    if HAS_V:  # [B, Hq, Tq, DV] fp32; rows that see no key give 0
+        dv = tl.arange(0, BLOCK_DV)
+        tl.store(
+            OUT + out[:, None] * DV + dv[None, :],
+            acc / safe_l[:, None],
+            mask=row_ok[:, None] & (dv[None, :] < DV),
+        )
     span_out = SPANS + ((b * Hkv * groups + h)[:, None] * NS + ns[None, :]) * Tq + t[:, None]
     tl.store(
         span_out,
@@ -528,6 +553,7 @@ class Plan:
     col_sums: dict[str, torch.Tensor]
     col_counts: dict[str, torch.Tensor]
     lse: torch.Tensor
+    out: torch.Tensor | None = None  # [B, Hq, Tq, Dv] attention output (with a value)
 
 
 def _alloc(*shape: int, device: torch.device) -> torch.Tensor:
@@ -597,9 +623,10 @@ def _query_ranges(req: StatsRequest) -> torch.Tensor:
     return _ranges(lo, hi, lo, lo if req.mask is not None else in_hi)
 
 
-def plan(req: StatsRequest) -> Plan:
+def plan(req: StatsRequest, value: torch.Tensor | None = None) -> Plan:
     """Buffers and launches of the ``triton`` backend for ``req`` (``triton_stats`` runs them;
-    benchmarks/triton_compile.py compiles them for a GPU without one)."""
+    benchmarks/triton_compile.py compiles them for a GPU without one). With ``value``
+    ``[B, Hkv, Tk, Dv]`` the row pass also computes the attention output (``Plan.out``)."""
     q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (req.q, req.k))
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -632,6 +659,13 @@ def plan(req: StatsRequest) -> Plan:
     has_sinks = req.sinks is not None
     sinks = req.sinks.float().contiguous() if has_sinks else lse  # lse: an unread placeholder
     sink_p = _alloc(b, hq, tq, device=dev) if has_sinks else lse
+    has_v = value is not None
+    if has_v:
+        v = value if value.stride(-1) == 1 else value.contiguous()
+        out = _alloc(b, hq, tq, v.shape[-1], device=dev)
+        v_strides = v.stride()[:3]
+    else:  # unread placeholders
+        v, out, v_strides = q, lse, (0, 0, 0)
     row_args = (
         *common,
         span_lo,
@@ -645,13 +679,19 @@ def plan(req: StatsRequest) -> Plan:
         span_out,
         sink_p,
         lse,
+        v,
+        out,
         *strides,
+        *v_strides,
         *shape,
         float(req.window),
         len(spans),
         mask.shape[-1],
     )
-    row_flags = dict(flags, NS=n_spans, HAS_SINKS=has_sinks)
+    dv = v.shape[-1] if has_v else 16
+    row_flags = dict(
+        flags, NS=n_spans, HAS_SINKS=has_sinks, HAS_V=has_v, DV=dv, BLOCK_DV=block_d(dv)
+    )
     row_configs = candidates("row", d, q.dtype, INTERPRET)
     launches = [Launch("row", row_args, row_flags, tq, b * hkv, req.groups, d, row_configs)]
     all_rows = {
@@ -699,13 +739,21 @@ def plan(req: StatsRequest) -> Plan:
             sums["sink_score"], counts["sink_score"] = recv, vis_cnt
         if has_fai:
             sums["fai"], counts["fai"] = fai_sum, fai_cnt
-    return Plan(launches, rows, sums, counts, lse)
+    return Plan(launches, rows, sums, counts, lse, out if has_v else None)
 
 
 def triton_stats(req: StatsRequest) -> AttentionStats:
     """The ``triton`` backend of ``attention_stats`` (what it serves: ``kernels.backends``)."""
-    p = plan(req)
+    return triton_fused(req, None)[0]
+
+
+def triton_fused(
+    req: StatsRequest, value: torch.Tensor | None
+) -> tuple[AttentionStats, torch.Tensor | None]:
+    """Statistics of ``req`` and, with ``value`` ``[B, Hkv, Tk, Dv]``, the attention output
+    ``[B, Hq, Tq, Dv]`` (fp32) from the same row pass (the fused forward on a GPU)."""
+    p = plan(req, value)
     for launch in p.launches:
         launch.run()
     rows = {n: t.contiguous() for n, t in p.rows.items()}
-    return AttentionStats(rows, p.col_sums, p.col_counts, p.lse, backend="triton")
+    return AttentionStats(rows, p.col_sums, p.col_counts, p.lse, backend="triton"), p.out

@@ -57,8 +57,9 @@ def entropy(attn: Tensor, sink: Tensor | None = None) -> Tensor:
 
 
 def mean_distance(attn: Tensor, q_pos: Tensor | None = None, k_pos: Tensor | None = None) -> Tensor:
-    """Expected look-back distance ``sum_s A[t,s] (t - s)``. ``[..., Tq]``."""
-    return (_real(attn) * _distance(attn, q_pos, k_pos)).sum(-1)
+    """Expected attention distance ``sum_s A[t,s] |t - s|`` (the look-back distance for causal
+    attention, symmetric for bidirectional). ``[..., Tq]``."""
+    return (_real(attn) * _distance(attn, q_pos, k_pos).abs()).sum(-1)
 
 
 def waad(
@@ -67,10 +68,10 @@ def waad(
     q_pos: Tensor | None = None,
     k_pos: Tensor | None = None,
 ) -> Tensor:
-    """Windowed average attention distance ``sum_s A[t,s] min(t - s, W)``, in [0, W]. ``[..., Tq]``."""
+    """Windowed average attention distance ``sum_s A[t,s] min(|t - s|, W)``, in [0, W]. ``[..., Tq]``."""
     if window < 1:
         raise ValueError(f"waad window must be >= 1, got {window}")
-    dist = _distance(attn, q_pos, k_pos).clamp(min=0, max=window)
+    dist = _distance(attn, q_pos, k_pos).abs().clamp(max=window)
     return (_real(attn) * dist).sum(-1)
 
 

@@ -12,8 +12,9 @@ from torch import Tensor
 from attnscope.errors import AttnscopeError
 from attnscope.kernels import attention_stats
 from attnscope.kernels.config import StatsConfig
+from attnscope.kernels.fused import fused_attention
 from attnscope.kernels.stats import AttentionStats, finish_column
-from attnscope.kernels.table import known_metrics
+from attnscope.kernels.table import TOKEN_METRICS, known_metrics
 from attnscope.metrics.dense import analysed_rows, fai_selection
 from attnscope.models.families import stack_of
 from attnscope.probes.records import ModuleRecord
@@ -69,7 +70,8 @@ class Capture:
     def __enter__(self) -> Capture:
         self._hook = self.model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)
         try:
-            attached = self.session.attached(observer=self._observe)
+            fused = None if self.config.exact_logits else self._forward
+            attached = self.session.attached(observer=self._observe, forward=fused)
             attached.__enter__()
             self._attached = attached
         except BaseException:
@@ -95,10 +97,27 @@ class Capture:
 
     # -- one attention call -------------------------------------------------------------------
     @torch.no_grad()
-    def _observe(self, call: AttentionCall) -> None:
+    def _forward(self, call: AttentionCall) -> Tensor | None:
+        """``exact_logits=False``: a captured layer's output with its statistics in one pass
+        (``kernels.fused``); the statistics wait in ``call.computed`` for ``_observe``. Declines
+        (the model's kernel runs) for layers not captured and for dropout in training."""
+        dropout = call.kwargs.get("dropout", 0.0)
+        if (
+            call.value is None
+            or not self.config.wants_layer(call.site.layer)
+            or (call.module.training and dropout)
+        ):
+            return None
+        config, kwargs = self._stats_inputs(call)
+        out, call.computed = fused_attention(
+            call.query.detach(), call.key.detach(), call.value.detach(), config, **kwargs
+        )
+        return out
+
+    def _stats_inputs(self, call: AttentionCall) -> tuple[StatsConfig, dict[str, Any]]:
+        """The config and keyword arguments of ``attention_stats`` for one call (positions
+        without the sequence's leading padding, found on the module's first call)."""
         site = call.site
-        if not self.config.wants_layer(site.layer):
-            return
         rec = self.records.get(site.name)
         if rec is None:
             rec = self.records[site.name] = ModuleRecord(site.name, site.causal, site.role)
@@ -110,10 +129,9 @@ class Capture:
                 else torch.zeros(b, dtype=torch.long)
             )
         pad = rec.pad.to(call.query.device)[:, None]
-        stats = attention_stats(
-            call.query.detach(),
-            call.key.detach(),
-            self.config,
+        config, tokens = self._head_inputs(site.role, rec.pad, int(call.k_index.max()))
+        return config, dict(
+            tokens=tokens if tokens is None else tokens.to(call.query.device),
             causal=site.causal,
             scale=call.scale,
             sliding_window=call.sliding_window,
@@ -123,6 +141,18 @@ class Capture:
             q_pos=call.q_index[None] - pad,
             k_pos=call.k_index[None] - (0 if site.cross else pad),
         )
+
+    @torch.no_grad()
+    def _observe(self, call: AttentionCall) -> None:
+        site = call.site
+        if not self.config.wants_layer(site.layer):
+            return
+        stats = call.computed
+        if stats is None:
+            config, kwargs = self._stats_inputs(call)
+            stats = attention_stats(call.query.detach(), call.key.detach(), config, **kwargs)
+        rec = self.records[site.name]
+        pad = rec.pad.to(call.query.device)[:, None]
         self.backends.setdefault(stats.backend, stats.reason)
         k_index = call.k_index
         if "fai" in stats.col_counts and site.causal:  # a sliding cache may have evicted keys
@@ -131,6 +161,25 @@ class Capture:
         if self.config.keeps_qk(site.layer):
             rec.keep_qk(call.q_index, call.query, call.key, call.k_index)
             rec.attention = call.attention
+
+    def _head_inputs(self, role: str, pad: Tensor, last: int) -> tuple[StatsConfig, Tensor | None]:
+        """The call's config and the token ids by position ``[B, N]`` (-1 past the recorded ids)
+        for the token head metrics. Cross-attention keys are no tokens of the sequence, and a
+        stack whose positions outrun the recorded ids (a vision tower) has none: the token
+        metrics are left out there (``prev_token`` needs positions only)."""
+        wanted = [m for m in self.config.metrics or () if m in TOKEN_METRICS]
+        if not wanted:
+            return self.config, None
+        decoder = role == "decoder" and self.decoder_ids
+        steps = self.decoder_ids if decoder else self.input_ids
+        ids = torch.cat(steps, dim=1) if steps else None  # [B, N] by sequence index
+        if role == "cross" or ids is None or ids.shape[1] <= last:
+            kept = tuple(m for m in self.config.metrics or () if m not in TOKEN_METRICS)
+            return self.config.replace(metrics=kept), None
+        index = torch.arange(ids.shape[1])[None] + pad[:, None]  # position p -> index p + pad
+        return self.config, ids.gather(1, index.clamp(max=ids.shape[1] - 1)).where(
+            index < ids.shape[1], -1
+        )
 
     # -- results --------------------------------------------------------------------------------
     def stacks(self, role: str | None = None) -> list[str]:

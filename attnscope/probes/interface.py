@@ -6,7 +6,8 @@ module's own eager function, so ``output_attentions`` keeps working). A call of 
 that a probe session watches (``probes.session``) is described once per session; the sessions'
 mask editors may replace the mask (interventions), the call is delegated to the model's own kernel
 with that mask, then the sessions' observers see it. Calls of modules nobody watches are delegated
-unchanged, so the model's output is untouched unless an editor changes the mask.
+unchanged, so the model's output is untouched unless an editor changes the mask or a session's
+forward computes the output itself (the fused forward, ``exact_logits=False``).
 """
 
 from __future__ import annotations
@@ -51,16 +52,23 @@ def _probe(delegate: Callable, module, query, key, value, attention_mask, kwargs
     sessions = watching.get(module)
     if not sessions:
         return delegate(module, query, key, value, attention_mask, **kwargs)
-    calls = [s.call(module, query, key, attention_mask, kwargs) for s in sessions]
+    calls = [s.call(module, query, key, attention_mask, kwargs, value) for s in sessions]
     for session, call in zip(sessions, calls, strict=True):
         for edit in list(session.editors):
             call.mask = attention_mask
             edited = edit(call)
             if edited is not None:
                 attention_mask = edited
-    out = delegate(module, query, key, value, attention_mask, **kwargs)
+    out = None
     for session, call in zip(sessions, calls, strict=True):
         call.mask = attention_mask
+        for forward in list(session.forwards):  # the first that computes the output serves
+            if out is None:
+                computed = forward(call)  # [B, Hq, Tq, Dv]
+                out = None if computed is None else (computed.transpose(1, 2).contiguous(), None)
+    if out is None:
+        out = delegate(module, query, key, value, attention_mask, **kwargs)
+    for session, call in zip(sessions, calls, strict=True):
         for observe in list(session.observers):
             observe(call)
     return out

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from attnscope.errors import AttnscopeError
 from attnscope.models.families import Site, attention_site
@@ -43,6 +44,8 @@ class AttentionCall:
     kwargs: dict  # scaling, sliding_window, softcap, s_aux (learned sinks), ...
     q_index: Tensor  # [Tq] token index of each query in the sequence
     k_index: Tensor  # [Tk] token (or encoder position) index of each key
+    value: Tensor | None = None  # [B, Hkv, Tk, D] post-projection values, as the kernel gets them
+    computed: Any = None  # what a session's forward computed with the output (its statistics)
 
     @property
     def scale(self) -> float:
@@ -84,6 +87,8 @@ class AttentionCall:
 
 Observer = Callable[[AttentionCall], None]
 MaskEditor = Callable[[AttentionCall], Any]  # -> replacement mask, or None to keep it
+# -> the call's attention output [B, Hq, Tq, Dv] in place of the model's kernel, or None to decline
+Forward = Callable[[AttentionCall], Tensor | None]
 
 _sessions: weakref.WeakKeyDictionary[torch.nn.Module, ProbeSession] = weakref.WeakKeyDictionary()
 
@@ -106,6 +111,7 @@ class ProbeSession:
                 self.sites[module] = site
         self.observers: list[Observer] = []
         self.editors: list[MaskEditor] = []
+        self.forwards: list[Forward] = []
         self._seen: dict[torch.nn.Module, int] = {}
         self._users = 0  # attachments open now
         self._hook: Any = None  # the forward pre-hook while anything is attached
@@ -124,11 +130,15 @@ class ProbeSession:
     # -- attaching --------------------------------------------------------------------------------
     @contextmanager
     def attached(
-        self, observer: Observer | None = None, editor: MaskEditor | None = None
+        self,
+        observer: Observer | None = None,
+        editor: MaskEditor | None = None,
+        forward: Forward | None = None,
     ) -> Iterator[ProbeSession]:
-        """Attach an observer and/or a mask editor for the duration of the block. Each attachment
-        switches the model to the probe (again, if code inside an outer one switched it away) and
-        restores what it found on exit."""
+        """Attach an observer, a mask editor and/or a forward (computes a call's output in place
+        of the model's kernel, e.g. ``kernels.fused``) for the duration of the block. Each
+        attachment switches the model to the probe (again, if code inside an outer one switched it
+        away) and restores what it found on exit."""
         with ExitStack() as stack:
             self._join()
             stack.callback(self._leave)
@@ -139,6 +149,9 @@ class ProbeSession:
             if editor is not None:
                 self.editors.append(editor)
                 stack.callback(self.editors.remove, editor)
+            if forward is not None:
+                self.forwards.append(forward)
+                stack.callback(self.forwards.remove, forward)
             yield self
 
     def _join(self) -> None:
@@ -175,7 +188,13 @@ class ProbeSession:
 
     # -- one call ---------------------------------------------------------------------------------
     def call(
-        self, module: torch.nn.Module, query: Tensor, key: Tensor, mask: Any, kwargs: dict
+        self,
+        module: torch.nn.Module,
+        query: Tensor,
+        key: Tensor,
+        mask: Any,
+        kwargs: dict,
+        value: Tensor | None = None,
     ) -> AttentionCall:
         """Count the call's tokens and describe it."""
         site = self.sites[module]
@@ -186,4 +205,20 @@ class ProbeSession:
         q_index = torch.arange(n - tq, n, device=dev)
         first = n - tk if (tk <= n and not site.cross) else 0
         k_index = torch.arange(first, first + tk, device=dev)
-        return AttentionCall(site, module, query, key, mask, kwargs, q_index, k_index)
+        return AttentionCall(site, module, query, key, mask, kwargs, q_index, k_index, value)
+
+
+@contextmanager
+def layer_progress(model: torch.nn.Module, disable: bool = False) -> Iterator[None]:
+    """A progress bar (tqdm) over the attention layers of one forward of ``model``: it advances
+    once per attention call, the total being the model's attention modules (all stacks)."""
+    if disable:  # nothing attached: the model keeps its implementation
+        yield
+        return
+    session = ProbeSession.of(model)
+    total = sum(1 for site in session.sites.values() if site.layer >= 0)
+    with (
+        tqdm(total=total, desc="attention layers", unit="layer") as bar,
+        session.attached(observer=lambda call: bar.update(1)),
+    ):
+        yield
