@@ -392,7 +392,6 @@ def test_dashboard_errors_name_paths_relative_to_the_root(tmp_path):
         "metric.value",
         "layer.options",
         "layer.value",
-        "head-grid.figure",
     ]
     state = {"metric.value": None, "layer.value": None}
     shown = _update(app, run_outputs, {"run.value": "../outside"}, state)
@@ -401,12 +400,14 @@ def test_dashboard_errors_name_paths_relative_to_the_root(tmp_path):
     assert any(s.startswith("newer was written by a newer attnscope") for s in shown)
     shown += _update(
         app,
-        ["heatmap.figure", "heatmap-msg.children"],
+        ["heatmap.figure", "heatmap-msg.children", "heatmap.style"],  # graphs hide when empty
         {
             "loaded.data": "a",
             "head.data": {"layer": 1, "head": 0},
             "hm-start.value": 0,
             "hm-size.value": 5,
+            "hm-options.value": [],
+            "token.data": None,
         },
     )
     assert f"cannot read kept queries/keys from a/{QK_FILE}: No such file or directory: " in (
