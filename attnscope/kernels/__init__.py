@@ -47,11 +47,7 @@ def attention_stats(
     backend, reason = choose(inner, req.config.backend)
     stats = backend.run(inner)
     stats.reason = reason
-    if inner is not req:
-        stats.rows.update(lookups.lookup_rows(req, stats.lse, tokens))
-        if req.wants("lookback"):
-            stats.rows["lookback"] = lookups.lookback(req, stats.rows, stats.lse)
-        stats.rows = {m: stats.rows[m] for m in req.row_metrics}
+    lookups.add_head_rows(req, inner, stats, tokens)
     return stats
 
 

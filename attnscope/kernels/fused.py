@@ -58,9 +58,5 @@ def fused_attention(
         stats, out = run_blocks(inner, v)
     assert out is not None
     stats.reason = f"{REASON}, {stats.backend} ({why})"
-    if inner is not req:  # head metrics from the log-normaliser, as attention_stats adds them
-        stats.rows.update(lookups.lookup_rows(req, stats.lse, tokens))
-        if req.wants("lookback"):
-            stats.rows["lookback"] = lookups.lookback(req, stats.rows, stats.lse)
-        stats.rows = {m: stats.rows[m] for m in req.row_metrics}
+    lookups.add_head_rows(req, inner, stats, tokens)  # as attention_stats adds them
     return out.to(q.dtype), stats

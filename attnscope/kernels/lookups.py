@@ -20,6 +20,7 @@ from torch import Tensor
 
 from attnscope.errors import ShapeError
 from attnscope.kernels.request import StatsRequest
+from attnscope.kernels.stats import AttentionStats
 from attnscope.kernels.table import (
     CONTEXT_SPAN,
     HEAD_METRICS,
@@ -39,6 +40,19 @@ def backend_request(req: StatsRequest) -> StatsRequest:
     if "lookback" in req.metrics and CONTEXT_MASS not in metrics:
         metrics.append(CONTEXT_MASS)
     return replace(req, metrics=tuple(metrics))
+
+
+def add_head_rows(
+    req: StatsRequest, inner: StatsRequest, stats: AttentionStats, tokens: Tensor | None
+) -> None:
+    """Complete ``stats``, which a backend computed for ``inner = backend_request(req)``: add
+    the head metrics from its log-normaliser and keep ``req``'s rows in their order."""
+    if inner is req:
+        return
+    stats.rows.update(lookup_rows(req, stats.lse, tokens))
+    if req.wants("lookback"):
+        stats.rows["lookback"] = lookback(req, stats.rows, stats.lse)
+    stats.rows = {m: stats.rows[m] for m in req.row_metrics}
 
 
 def lookup_rows(req: StatsRequest, lse: Tensor, tokens: Tensor | None) -> dict[str, Tensor]:
