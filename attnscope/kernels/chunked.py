@@ -29,10 +29,12 @@ from attnscope.kernels.stats import AttentionStats
 from attnscope.kernels.table import SPAN_PREFIX
 from attnscope.metrics.dense import analysed_rows, fai_selection
 
-# score elements per block (4 MiB of fp32): a few temporaries of this size stay near the CPU's
-# caches; GPUs take larger blocks
-BLOCK_ELEMENTS = 1 << 20
+# score elements per block (2 MiB of fp32): a few temporaries of this size stay near the CPU's
+# caches (measured: 1 << 20 ran the sliding layers of Gemma-3 1.3x slower); GPUs take larger blocks
+BLOCK_ELEMENTS = 1 << 19
 GPU_BLOCK_ELEMENTS = 1 << 24
+# s - max below which exp leaves the normal range of the compute dtype
+EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
 MIN_ROWS = 32  # rows per block at least under a sliding window (fewer blocks, less overhead)
 
 
@@ -98,8 +100,8 @@ def _block_rows(req: StatsRequest, r0: int, per_row: int, monotone: bool) -> int
     if not req.causal and req.sliding_window is None:
         return max(1, per_row // max(1, tk))
     rows = int((-width + math.sqrt(width * width + 4 * per_row)) / 2)
-    if req.sliding_window is not None:  # a block sees rows + W keys: keep the waste below 1.5x
-        rows = min(rows, max(MIN_ROWS, req.sliding_window // 2))
+    if req.sliding_window is not None:  # a block sees rows + W keys: keep the waste below 1.25x
+        rows = min(rows, max(MIN_ROWS, req.sliding_window // 4))
     return max(1, rows)
 
 
@@ -216,15 +218,21 @@ def _band_block(
 
     s = x.scores(rs, ks)  # [B, Hq, r, k]
     neg = torch.finfo(s.dtype).min / 2
-    for e in edges:  # causal diagonal, window edge, the request's mask there
+    hidden = []  # per edge: keys the rows may not see (causal diagonal, window edge, the mask)
+    for e in edges:
         kk = slice(ks.start + e.start, ks.start + e.stop)
-        allowed = req.allowed(rs, kk)  # [B, 1, r, e]
-        s[..., e] = s[..., e].masked_fill(~allowed, neg)
+        hidden.append(~req.allowed(rs, kk))  # [B, 1, r, e]
+        s[..., e] = s[..., e].masked_fill(hidden[-1], neg)
     m = s.amax(-1, keepdim=True)  # [B, Hq, r, 1]
     valid = m > neg / 2  # rows that see a key
     m = torch.where(valid, m, 0.0)
     s -= m  # s - m <= 0
+    # exp of an argument whose result underflows the normal range takes the CPU's slow path
+    # (denormals, 5-10x); those weights are below 1e-37 of the row's largest one: floor them
+    s.clamp_(min=EXP_FLOOR[s.dtype])
     p = torch.exp(s)  # unnormalised probabilities, 1 at each row's maximum; [B, Hq, r, k]
+    for e, out_of_view in zip(edges, hidden, strict=True):
+        p[..., e] = p[..., e].masked_fill(out_of_view, 0.0)
     feats = x.feats[ks]  # [k, F]
     if x.dist_col >= 0:  # positions from the block's first query: no cancellation in fp32
         feats = feats.clone()
@@ -279,9 +287,9 @@ def _band_block(
     if "sink_score" in counts:
         cnt = counts["sink_score"]
         cnt[:, :, ks] += row_valid.sum(-1, keepdim=True).float()
-        for e in edges:  # keys some rows cannot see
+        for e, out_of_view in zip(edges, hidden, strict=True):  # keys some rows cannot see
             kk = slice(ks.start + e.start, ks.start + e.stop)
-            unseen = ~req.allowed(rs, kk) & row_valid[..., None]  # [B, 1, r, e]
+            unseen = out_of_view & row_valid[..., None]  # [B, 1, r, e]
             cnt[:, :, kk] -= unseen.sum(-2).float()
     if "fai" in sums:
         _band_fai(x, rs, ks, qp, p, inv_l, row_valid, sums["fai"], counts["fai"])
