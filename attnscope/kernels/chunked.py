@@ -133,7 +133,7 @@ def _band_request(req: StatsRequest) -> bool:
 
 
 class _BandInputs:
-    """What every banded block reads: scaled queries packed per KV group, keys, values, key
+    """What every banded block reads: queries packed per KV group, scaled keys, values, key
     features for the row statistics, shared positions."""
 
     def __init__(self, req: StatsRequest, value: Tensor | None) -> None:
@@ -142,8 +142,9 @@ class _BandInputs:
         dtype = req.compute_dtype
         self.req = req
         scale = req.scale if req.softcap is None else 1.0  # softcap applies to s * scale
-        self.q = (req.q.to(dtype) * scale).reshape(b, hkv, req.groups, tq, d)  # [B, Hkv, G, Tq, D]
-        self.kt = req.k.to(dtype).transpose(-1, -2)  # [B, Hkv, D, Tk]
+        self.q = req.q.to(dtype).reshape(b, hkv, req.groups, tq, d)  # [B, Hkv, G, Tq, D]
+        # the scale on the keys: G times fewer elements than the queries
+        self.kt = (req.k.to(dtype) * scale).transpose(-1, -2)  # [B, Hkv, D, Tk]
         self.v = None if value is None else value.to(dtype)  # [B, Hkv, Tk, Dv]
         self.qp, self.kp = req.q_pos[0], req.k_pos[0]  # [Tq], [Tk]
         # key features: 1 (the normaliser), position (causal distance), sink and span indicators
