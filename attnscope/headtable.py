@@ -11,7 +11,8 @@ included): with ``m_t`` the row metric (the weight on the detection pattern's ke
 
 Other scores: ``lookback`` (mean lookback ratio over the rows that have one), ``receiver``
 (excess kurtosis of the head's FAI column, the mean weight a key receives from later rows, over
-the keys of the ``response`` span or of the whole trace: Bogdan et al. 2025), ``sink`` (first-token
+the keys of the ``response`` span or of the whole trace after its first key, the usual sink:
+Bogdan et al. 2025), ``sink`` (first-token
 sink score) and ``span`` (mean look-back distance).
 """
 
@@ -41,6 +42,33 @@ LABELS = (
     ("retrieval", "retrieval", 0.1),
     ("receiver", "receiver", 10.0),
 )
+# what views call each score, in the order they list them (unknown names follow, as written)
+SCORE_TITLES = {
+    "induction_random": "induction (random tokens)",
+    "induction_random_abs": "induction (random tokens, abs)",
+    "induction": "induction",
+    "induction_abs": "induction (abs)",
+    "prev_token": "previous-token",
+    "prev_token_abs": "previous-token (abs)",
+    "duplicate_token": "duplicate-token",
+    "duplicate_token_abs": "duplicate-token (abs)",
+    "retrieval": "retrieval",
+    "lookback": "lookback ratio",
+    "receiver": "receiver (FAI kurtosis)",
+    "sink": "first-token sink",
+    "span": "head span",
+}
+
+
+def score_title(name: str) -> str:
+    """The readable name of a head score (``SCORE_TITLES``; others with spaces for ``_``)."""
+    return SCORE_TITLES.get(name, name.replace("_", " "))
+
+
+def ordered_scores(scores: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``scores`` in the order of ``SCORE_TITLES``, unknown names after them."""
+    rank = {name: i for i, name in enumerate(SCORE_TITLES)}
+    return dict(sorted(scores.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
 
 def pattern_counts(name: str, token_ids: list[int]) -> Tensor:
@@ -83,6 +111,8 @@ def head_scores(trace: Trace) -> dict[str, Tensor]:
         out["lookback"] = torch.nanmean(trace.rows["lookback"].double(), -1)
     if "fai" in trace.cols:
         start, end = trace.spans.get("response", (0, len(trace)))
+        # key 0, the first-token sink of most heads, would make nearly every head a receiver
+        start = max(start, 1)
         out["receiver"] = excess_kurtosis(trace.cols["fai"][..., start:end].double())
     if "sink_score" in trace.cols:
         out["sink"] = trace.cols["sink_score"][..., 0].double()
@@ -125,6 +155,29 @@ def score_table(layers: list[int], scores: dict[str, Tensor]) -> pa.Table:
         columns[name] = value.reshape(-1).numpy()
     columns["label"] = label_heads(scores, (n_l, n_h))
     return pa.table(columns)
+
+
+def table_scores(table: pa.Table, layers: list[int], n_heads: int) -> dict[str, Tensor]:
+    """The scores of a head table (``score_table``, e.g. a run's ``heads.parquet``) as
+    ``[L, H]`` float64 each, on ``layers``; heads the table lacks are NaN."""
+    index = {layer: i for i, layer in enumerate(layers)}
+    missing = set(table["layer"].to_pylist()) - set(index)
+    heads = table["head"].to_numpy()
+    if missing or (heads >= n_heads).any():
+        raise AttnscopeError(
+            f"the head table has layers {sorted(missing)} or heads >= {n_heads} that the trace "
+            f"(layers {layers}, {n_heads} heads) lacks"
+        )
+    rows = torch.tensor([index[layer] for layer in table["layer"].to_pylist()], dtype=torch.long)
+    cols = torch.from_numpy(heads.astype(np.int64))
+    out = {}
+    for name in table.column_names:
+        if name in ("layer", "head", "label"):
+            continue
+        values = torch.full((len(layers), n_heads), float("nan"), dtype=torch.float64)
+        values[rows, cols] = torch.tensor(table[name].to_numpy(), dtype=torch.float64)
+        out[name] = values
+    return out
 
 
 def head_table(trace: Trace) -> pa.Table:

@@ -1,5 +1,5 @@
-"""Static ``report.html`` of a Trace: token strips, layer x head maps, sink heads and, when the run
-kept queries and keys, attention patterns (plotly)."""
+"""Static ``report.html`` of a Trace: token strips, layer x head maps, heads coloured by any head
+score, sink heads and, when the run kept queries and keys, attention patterns (plotly)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from plotly.subplots import make_subplots
 
 from attnscope import metrics
 from attnscope.atomic import write_file_atomically
+from attnscope.headgrid import score_grid, trace_scores
 from attnscope.kernels.table import CAUSAL_ONLY
 from attnscope.patterns import attend_to, attention_heatmap, attention_kind, token_axis
 from attnscope.tokentext import labels as token_labels
@@ -189,9 +190,11 @@ def _kind_note(trace: Trace) -> str:
 
 
 def write_report(trace: Trace, run_dir: Path) -> Path:
-    """Write ``report.html`` next to the run's data and return its path."""
+    """Write ``report.html`` next to the run's data and return its path; the head scores include
+    those of a head table already in ``run_dir`` (``headgrid.trace_scores``)."""
     sink = trace.sink_heads()
     patterns = pattern_figures(trace)
+    scores = trace_scores(trace, run_dir)
     summary = (
         f"<h1>attnscope run: {html.escape(str(trace.meta.get('model', '?')))}</h1>"
         f"<p>{len(trace)} tokens, {len(trace.layers)} layers x {trace.n_heads} heads; "
@@ -208,8 +211,9 @@ def write_report(trace: Trace, run_dir: Path) -> Path:
             else ""
         )
         + "<p>The token strip's colour scales leave out the first token, often an attention sink "
-        "that would dwarf the rest (hover shows every value). How to read each panel: "
-        "docs/READING.md.</p>"
+        "that would dwarf the rest (hover shows every value). The menu above the head-score grid "
+        "picks the score that colours the heads; hover names each head's label. How to read "
+        "each panel: docs/READING.md.</p>"
         + (
             ""
             if patterns
@@ -218,7 +222,8 @@ def write_report(trace: Trace, run_dir: Path) -> Path:
         )
     )
     path = Path(run_dir) / "report.html"
-    figures = [token_strip(trace), head_maps(trace), *patterns]
+    grids = [score_grid(trace, scores=scores)] if scores else []
+    figures = [token_strip(trace), head_maps(trace), *grids, *patterns]
     write_file_atomically(path, html_page(summary, figures))
     return path
 

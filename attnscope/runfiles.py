@@ -10,3 +10,5 @@ CORPUS_FILE = "corpus.json"  # the manifest of a corpus run (attnscope.corpus)
 CORPUS_FORMAT = "attnscope-corpus"  # its "format" field
 CORPUS_VERSION = 1  # newest corpus.json format_version
 PROMPTS_DIR = "prompts"  # <corpus>/prompts/<id>/ holds one run per prompt
+
+HEADS_FILE = "heads.parquet"  # the head table an `attnscope heads` run writes beside its trace

@@ -431,6 +431,17 @@ def test_explorer_in_the_browser(dash_duo, model_runs):
     duo.wait_for_element("#layer-means .trace:nth-of-type(2)", timeout=15)
     assert _plot(duo, "layer-means", "gd.data.map(t => t.name)") == ["beta", "alpha"]
 
+    duo.select_dcc_dropdown("#head-score", index=2)  # overview, receiver, sink, span
+    _wait_for_plot(duo, "head-grid", "Heads coloured by first-token sink")
+    np.testing.assert_allclose(_z(duo, "head-grid"), beta.cols["sink_score"][..., 0], rtol=1e-6)
+    until(lambda: "score=sink" in duo.driver.current_url, 10)
+    _click_cell(duo, "head-grid", 1.5 / 4, 0.75)  # a click still selects: layer 0, head 1
+    duo.wait_for_contains_text("#head-title", "layer 0 head 1", timeout=15)
+    duo.driver.get(f"{duo.server_url}/?run=beta&layer=1&head=2&score=span")  # a linked view
+    _wait_for_plot(duo, "head-grid", "Heads coloured by head span")
+    np.testing.assert_allclose(_z(duo, "head-grid"), beta.head_span(), rtol=1e-6)
+    assert duo.find_element("#head-score").text == "head span"
+
     skipped = duo.find_element("#skipped").text  # not in the run list: named, with why
     assert "skipped run 'newer': written by a newer attnscope" in skipped
     assert "skipped run 'broken': stats.parquet is damaged" in skipped

@@ -15,8 +15,9 @@ from test_dashboard import _plot, _shot, _z
 from test_dashboard import dash_duo as dash_duo  # the browser fixture
 
 import attnscope as asc
-from attnscope.dashboard import attend, create_app, data, figures
+from attnscope.dashboard import attend, callbacks, create_app, data, figures
 from attnscope.dashboard.layout import GRAPHS
+from attnscope.report import write_report
 from attnscope.store import RunStore
 from attnscope.tokentext import labels, tick_positions
 
@@ -105,6 +106,42 @@ def kind_runs(tmp_path_factory, cache_dir):
     (root / "image.png").unlink()
     data.clear_caches()
     return root
+
+
+@pytest.mark.slow
+def test_heads_coloured_by_score_in_every_kind(kind_runs, tmp_path):
+    """The "colour heads by" choices of each kind and the grid of each score: no span where the
+    keys are audio frames, no receiver score where FAI is undefined; reports gain the grid."""
+    store = RunStore(kind_runs)
+    expected = {
+        "gemma": ["receiver", "sink", "span"],
+        "minilm": ["sink", "span"],
+        "speech": [],  # cross-attention over audio frames: no head-table score
+        "vlm": ["receiver", "sink", "span"],
+    }
+    for run, names in expected.items():
+        trace = store.load(run)
+        scores = data.load_scores(store, run)
+        assert list(scores) == names, run
+        wanted = {"run": run, "score": "span"}
+        options, value = callbacks.score_view(store, run, None, wanted)
+        assert [o["value"] for o in options] == [callbacks.OVERVIEW, *names]
+        assert value == ("span" if names else callbacks.OVERVIEW)
+        for name in names:
+            fig, _ = callbacks.head_grid_view(store, run, None, name)
+            np.testing.assert_allclose(fig.data[0].z, scores[name], rtol=1e-6)
+        if names:
+            sink = trace.cols["sink_score"][..., 0]
+            np.testing.assert_allclose(scores["sink"], sink, rtol=1e-6)
+            np.testing.assert_allclose(scores["span"], trace.head_span(), rtol=1e-6)
+        else:  # the overview panels only
+            fig, _ = callbacks.head_grid_view(store, run, None, "sink")
+            assert len(fig.data) == len(figures.head_panels(trace))
+        if run in ("gemma", "minilm"):  # the analyze report: strip, head maps, scores, patterns
+            page = write_report(trace, tmp_path).read_text()
+            assert page.count("plotly-graph-div") == 5, run
+    vlm = (kind_runs / "vlm" / "report.html").read_text()  # written by the vlm command
+    assert "Heads coloured by receiver (FAI kurtosis)" in vlm
 
 
 def _displayed(duo, graph_id: str) -> bool:

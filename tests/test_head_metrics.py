@@ -1,7 +1,9 @@
 """Head metrics (previous-token, duplicate-token, induction, copy, lookback) from single weights
 exp(score - lse), after every backend, against the independent reference (tests/head_reference.py)."""
 
+import numpy as np
 import pytest
+import scipy.stats
 import torch
 from head_reference import head_rows, lookback_rows, probabilities, tl_scores
 
@@ -153,6 +155,13 @@ def test_head_table_scores_match_transformer_lens_definition(tiny):
             assert row[name] == pytest.approx(mul, abs=1e-5)
             assert row[f"{name}_abs"] == pytest.approx(abs_, abs=1e-5)
         assert {"receiver", "sink", "span", "label"} <= set(row)
+    # receiver: excess kurtosis over keys 1.. of the FAI column (mean weight from rows 10-100 later)
+    t, s = torch.arange(30)[:, None], torch.arange(30)[None, :]
+    later = ((t - s) >= 10) & ((t - s) <= 100)  # [T, T]
+    fai = (attn * later).sum(-2) / later.sum(0)  # [L, H, T], NaN where no row counts
+    expected = scipy.stats.kurtosis(fai[..., 1:].numpy(), axis=-1, nan_policy="omit")
+    got = [[row["receiver"] for row in table if row["layer"] == i] for i in range(attn.shape[0])]
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-3, atol=1e-3)
 
 
 def test_lookback_features_match_reference(tiny):
@@ -209,5 +218,8 @@ def test_heads_api_and_command(tiny, tmp_path, capsys):
     assert saved.num_rows == n_layers * n_heads
     trace = asc.Trace.load(out)
     assert "induction" in trace.rows and len(trace) == 40
+    assert trace.meta["model"] == "tiny-llama" and trace.meta["text"]  # named in its report
+    report = (out / "report.html").read_text()  # heads coloured by the table's scores too
+    assert "Heads coloured by induction (random tokens)" in report
     with pytest.raises(AttnscopeError, match="n_random"):
         asc.heads(tiny, n_random=1)

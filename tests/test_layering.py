@@ -30,6 +30,7 @@ LAYERS = {
     "corpus_report": 3,
     "report": 3,
     "patterns": 2,
+    "headgrid": 2,  # layer x head grids coloured by a head score (report, explorer, notebooks)
     "notebook": 0,
     "rhythm": 3,
     "speech": 3,

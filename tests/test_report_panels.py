@@ -142,7 +142,7 @@ def test_attend_to_one_head_and_every_head():
 @pytest.mark.parametrize("n_layers", [2, 6])
 def test_written_report_holds_patterns(n_layers, tmp_path):
     page = write_report(synthetic_trace(n_layers), tmp_path).read_text()
-    assert page.count("plotly-graph-div") == 4
+    assert page.count("plotly-graph-div") == 5  # strip, head maps, head scores, 2 patterns
     assert json.dumps("␣cat")[1:-1] in page  # token text, as plotly's JSON writes it
 
 

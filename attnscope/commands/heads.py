@@ -1,5 +1,6 @@
 """``attnscope heads``: the head table of a causal LM (layer, head, each score, a label), printed
-by label; with ``--out`` also a run directory: the detector text's trace plus ``heads.parquet``."""
+by label; with ``--out`` also a run directory: the detector text's trace, ``heads.parquet`` and
+``report.html`` (heads coloured by each score)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import argparse
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from attnscope.commands.common import writing_run
 from attnscope.models.loader import load
+from attnscope.report import write_report
+from attnscope.runfiles import HEADS_FILE
 from attnscope.taxonomy.detect import detect
+from attnscope.trace import Trace
 
-HEADS_FILE = "heads.parquet"
 SHOWN = ("induction_random", "prev_token", "duplicate_token", "induction", "retrieval", "sink")
 
 
@@ -26,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
             trace.save(
                 out,
                 overwrite=args.overwrite,
-                extra=lambda tmp: pq.write_table(table, tmp / HEADS_FILE),
+                extra=lambda tmp: _write(trace, table, tmp),
             )
     else:
         trace, table = _detect(args)
@@ -41,8 +45,14 @@ def run(args: argparse.Namespace) -> int:
         counts[row["label"]] = counts.get(row["label"], 0) + 1
     print("labels: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     if out is not None:
-        print(f"run: {out.resolve()} (head table: {HEADS_FILE})")
+        print(f"run: {out.resolve()} (head table: {HEADS_FILE}, report: report.html)")
     return 0
+
+
+def _write(trace: Trace, table: pa.Table, folder: Path) -> None:
+    """The head table, then the report, which reads it (``report.write_report``)."""
+    pq.write_table(table, folder / HEADS_FILE)
+    write_report(trace, folder)
 
 
 def _detect(args: argparse.Namespace):

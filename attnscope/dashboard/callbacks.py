@@ -28,18 +28,21 @@ from attnscope.dashboard.data import (
     layer_index,
     list_runs,
     load_run,
+    load_scores,
     page_text,
     token_summary,
 )
 from attnscope.dashboard.export import export_bytes
 from attnscope.dashboard.layout import GRAPHS, message, token_table
 from attnscope.errors import AttnscopeError
+from attnscope.headtable import score_title
 from attnscope.patterns import attention_kind
 from attnscope.store import RunStore
 from attnscope.trace import Trace
 
 log = logging.getLogger(__name__)
 TOKEN_METRICS = ("fai", "received")  # column metrics shown next to the chosen row metric
+OVERVIEW = "overview"  # "colour heads by": the head grid's overview panels, not one head score
 
 
 def _shown(trace: Trace, metrics: list[str]) -> list[str]:
@@ -177,10 +180,32 @@ def default_head(store: RunStore, name: str) -> dict[str, int]:
     return {"layer": (attend.row_layers(store, name) or trace.layers)[0], "head": 0}
 
 
-def head_grid_view(store: RunStore, name: str | None, head: dict | None) -> tuple[go.Figure, Any]:
+def score_view(
+    store: RunStore, name: str | None, current: str | None, wanted: dict | None
+) -> tuple[list[dict], str | None]:
+    """The "colour heads by" options of the run (its overview panels, then each head score it
+    has) and the choice: the current one when the run has it, else the one a linked URL asks
+    for, else the overview."""
+    if name is None:
+        return [], None
+    panels = ", ".join(t.split(" (")[0] for t in figures.head_panels(load_run(store, name)))
+    options = [{"label": f"overview: {panels}", "value": OVERVIEW}] + [
+        {"label": score_title(s), "value": s} for s in load_scores(store, name)
+    ]
+    if current is None and wanted and wanted.get("run") == name:
+        current = wanted.get("score")
+    return options, current if current in [o["value"] for o in options] else OVERVIEW
+
+
+def head_grid_view(
+    store: RunStore, name: str | None, head: dict | None, score: str | None
+) -> tuple[go.Figure, Any]:
+    """The head grid: the overview panels, or the heads coloured by the head score ``score``."""
     if name is None:
         return figures.empty_figure(), None
-    return figures.head_grid(load_run(store, name), head), None
+    scores = load_scores(store, name)
+    chosen = score if score in scores else None  # a run just picked may lack the last score
+    return figures.head_grid(load_run(store, name), head, chosen, scores), None
 
 
 def head_view(
@@ -376,8 +401,15 @@ def _pick_head(
     return default_head(store, name)
 
 
-def _url(store: RunStore, name: str | None, head: dict | None, token: int | None) -> str:
-    """The page's query string: run, layer, head and token, so a view can be linked."""
+def _url(
+    store: RunStore,
+    name: str | None,
+    head: dict | None,
+    token: int | None,
+    score: str | None = None,
+) -> str:
+    """The page's query string: run, layer, head, token and the head score colouring the head
+    grid (none for the overview), so a view can be linked."""
     if name is None:
         return ""
     state: dict[str, Any] = {"run": name}
@@ -385,6 +417,8 @@ def _url(store: RunStore, name: str | None, head: dict | None, token: int | None
         state.update(layer=head["layer"], head=head["head"])
     if token is not None:
         state["token"] = token
+    if score and score != OVERVIEW:
+        state["score"] = score
     return "?" + urlencode(state)
 
 
@@ -494,9 +528,15 @@ def register(app: Dash, store: RunStore) -> None:
         lambda msg: (empty(), msg),
     )
     wire(
+        score_view,
+        [Output("head-score", "options"), Output("head-score", "value")],
+        [loaded, State("head-score", "value"), State("wanted", "data")],
+        lambda msg: ([], None),
+    )
+    wire(
         head_grid_view,
         [Output("head-grid", "figure"), Output("head-grid-msg", "children")],
-        [loaded, head],
+        [loaded, head, Input("head-score", "value")],
         lambda msg: (empty(), msg),
     )
     wire(
@@ -538,7 +578,7 @@ def register(app: Dash, store: RunStore) -> None:
     wire(
         _url,
         Output("url", "search"),
-        [loaded, head, token],
+        [loaded, head, token, Input("head-score", "value")],
         lambda msg: "",
     )
     wire(

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from attnscope.errors import AttnscopeError
+from attnscope.headgrid import trace_scores
 from attnscope.kernels.tiles import attention_tile, row_probabilities
 from attnscope.store import RunInfo, RunStore
 from attnscope.trace import TRACE_FILE, Trace
@@ -101,9 +102,21 @@ def _stamp(path: Path) -> int:
     return (path / TRACE_FILE).stat().st_mtime_ns
 
 
+def load_scores(store: RunStore, name: str) -> dict[str, Tensor]:
+    """The head scores of the run ``name`` (``headgrid.trace_scores``: its trace's and those of
+    its head table, if any), ``[L, H]`` each, cached."""
+    path = store.path_of(name)
+    return _read_scores(path, _stamp(path))
+
+
 @lru_cache(maxsize=4)
 def _read_trace(path: Path, stamp: int) -> Trace:
     return Trace.load(path)
+
+
+@lru_cache(maxsize=4)
+def _read_scores(path: Path, stamp: int) -> dict[str, Tensor]:
+    return trace_scores(_read_trace(path, stamp), path)
 
 
 @lru_cache(maxsize=2)
@@ -114,6 +127,7 @@ def _read_qk(path: Path, stamp: int, layer: int) -> tuple[Tensor, Tensor, dict[s
 
 def clear_caches() -> None:
     _read_trace.cache_clear()
+    _read_scores.cache_clear()
     _read_qk.cache_clear()
 
 

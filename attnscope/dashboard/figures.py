@@ -27,6 +27,7 @@ from attnscope.dashboard.data import (
     metric_values,
     token_values,
 )
+from attnscope.headgrid import score_grid
 from attnscope.patterns import LOG_FLOOR, MASKED_COLOR, attention_kind, token_axis
 from attnscope.tokentext import labels
 from attnscope.trace import Trace
@@ -160,22 +161,39 @@ def head_panels(trace: Trace) -> dict[str, Tensor]:
     return panels
 
 
-def head_grid(trace: Trace, selected: dict | None = None) -> go.Figure:
-    """The head grid (``head_panels``) with each head's groups marked and the selected head
-    outlined; clickable."""
-    panels = head_panels(trace)
-    fig = grid_panels(panels, trace.layers)
-    title = "Heads (click a head)"
-    if "mean_distance" in trace.rows and "sink_score" in trace.cols:
-        _mark_groups(fig, trace, len(panels))
-        title = (
-            f"Heads: l/g = local/global (bottom/top {metrics.HEAD_GROUP_FRACTION:.0%} by head "
-            f"span), s = sink (alpha_0 > {metrics.SINK_EPS}); click a head"
+def head_grid(
+    trace: Trace,
+    selected: dict | None = None,
+    score: str | None = None,
+    scores: dict[str, Tensor] | None = None,
+) -> go.Figure:
+    """The head grid with the selected head outlined; clickable. Without ``score``: the panels
+    of ``head_panels`` with each head's groups marked; with one: the heads coloured by that head
+    score (``headgrid.score_grid`` over ``scores``, default the trace's), labels in the hover."""
+    if score is not None:
+        fig = score_grid(trace, score, scores, menu=False)
+        fig.update_yaxes(autorange=True)  # layer 0 at the bottom, as in the explorer's grids
+        fig.update_layout(
+            title_subtitle_text=f"{fig.layout.title.subtitle.text}; click a head",
+            height=grid_height(len(trace.layers)) + 20,  # + the subtitle's line
+            margin=dict(MARGIN, t=80),
         )
+        n_panels = 1
+    else:
+        panels = head_panels(trace)
+        fig = grid_panels(panels, trace.layers)
+        n_panels = len(panels)
+        title = "Heads (click a head)"
+        if "mean_distance" in trace.rows and "sink_score" in trace.cols:
+            _mark_groups(fig, trace, n_panels)
+            title = (
+                f"Heads: l/g = local/global (bottom/top {metrics.HEAD_GROUP_FRACTION:.0%} by head "
+                f"span), s = sink (alpha_0 > {metrics.SINK_EPS}); click a head"
+            )
+        fig.update_layout(title=title)
     if selected is not None and selected.get("layer") in trace.layers:
-        for col in range(1, len(panels) + 1):
+        for col in range(1, n_panels + 1):
             _outline_cell(fig, selected["head"], layer_index(trace, selected["layer"]), col)
-    fig.update_layout(title=title)
     return fig
 
 

@@ -86,16 +86,17 @@ def _labelled(label: str, component: Component, width: str = "260px") -> html.Di
 
 
 def wanted_state() -> dict[str, Any]:
-    """The run, layer, head and token a linked URL asks for (``?run=..&layer=..&head=..
-    &token=..``), read from the page request that loads the layout."""
+    """The run, layer, head, token and head score a linked URL asks for (``?run=..&layer=..
+    &head=..&token=..&score=..``), read from the page request that loads the layout."""
     if not has_request_context() or not request.referrer:
         return {}
     query = parse_qs(urlparse(request.referrer).query)
     state: dict[str, Any] = {}
-    for key in ("run", "layer", "head", "token"):
+    for key in ("run", "layer", "head", "token", "score"):
         if query.get(key):
             value = query[key][0]
-            state[key] = value if key == "run" else (int(value) if value.isdigit() else None)
+            text = key in ("run", "score")
+            state[key] = value if text else (int(value) if value.isdigit() else None)
     return state
 
 
@@ -153,6 +154,12 @@ def build_layout(store: RunStore) -> html.Div:
                 open=True,
             ),
             html.H3("Heads"),
+            html.Div(
+                _labelled(
+                    "colour heads by", dcc.Dropdown(id="head-score", clearable=False), "360px"
+                ),
+                style=ROW,
+            ),
             html.Div(id="head-grid-msg"),
             _graph("head-grid"),
             html.Div(id="head-msg"),

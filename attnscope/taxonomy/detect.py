@@ -9,9 +9,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 import torch
 
+from attnscope.analyze import label_run
 from attnscope.errors import AttnscopeError
 from attnscope.findings.texts import english_paragraphs
 from attnscope.headtable import DETECTORS, head_scores, score_table
@@ -78,7 +81,10 @@ def detect(
     ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
     if ids.shape[1] < 2:
         raise AttnscopeError(f"the text {text[:40]!r} gives {ids.shape[1]} token(s); need >= 2")
+    start = time.perf_counter()
     trace = detector_trace(lm, ids)
+    text = lm.tokenizer.decode(ids[0], skip_special_tokens=True)
+    label_run(trace, lm, ids.shape[1], text, start)  # model and text, for its report
     scores = head_scores(trace)
     rand = head_scores(
         detector_trace(lm, repeated_random_tokens(lm, n_random, seed), ("induction",))
