@@ -65,6 +65,9 @@ if TYPE_CHECKING:
     from attnscope.scale import RayEngine
 
 PromptSpec = str | tuple[str, str] | Mapping[str, Any]
+# parameters that corpus.json records only when they differ from these defaults: corpus runs
+# written before the option (or that recorded its default) stay resumable
+OPTIONAL_PARAMETERS: dict[str, Any] = {"chat": False, "exact_logits": True}
 
 
 @dataclass
@@ -125,9 +128,11 @@ def analyze_corpus(
     ``prompts``: texts (id = index), ``(id, text)`` pairs or ``{"prompt": ..., "id": ...}`` dicts.
     ``config`` (``StatsConfig``; keyword ``stats`` override its fields) says what to compute.
     ``chat``: each prompt is one user turn under the tokenizer's chat template (as in
-    ``analyze``; local engine only). ``lm`` may be a model name, then loaded only once ``out`` is
-    known to be usable. An existing ``out`` of the same model, parameters and prompts is
-    resumed; one that differs is refused unless ``overwrite``. A prompt that fails (too long for the context, an exception in its
+    ``analyze``; local engine only). ``exact_logits=False`` (a ``stats`` field, either engine):
+    each batch's captured forward runs the fused forward (``kernels.fused``), as in ``analyze``.
+    ``lm`` may be a model name, then loaded only once ``out`` is known to be usable. An existing
+    ``out`` of the same model, parameters and prompts is resumed; one that differs is refused
+    unless ``overwrite``. A prompt that fails (too long for the context, an exception in its
     batch) is reported on stderr, recorded in ``corpus.json`` and skipped; a later call retries it.
     ``fai_rows="response"`` batches only prompts of equal token length together (the FAI rows
     of a batch are shared). Causal language models only (padding is dropped for causal attention).
@@ -154,11 +159,10 @@ def analyze_corpus(
         "format": CORPUS_FORMAT,
         "format_version": CORPUS_VERSION,
         "model": lm if isinstance(lm, str) else lm.name,
-        # "chat" only when set: corpus runs written before the option stay resumable
         "parameters": {
-            "generate": generate,
-            **config.to_json(),
-            **({"chat": True} if chat else {}),
+            key: value
+            for key, value in {"generate": generate, **config.to_json(), "chat": chat}.items()
+            if key not in OPTIONAL_PARAMETERS or value != OPTIONAL_PARAMETERS[key]
         },
         "prompts_sha256": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
         "prompts": [pid for pid, _ in entries],
@@ -336,7 +340,10 @@ def _check_out(out: Path, manifest: dict, overwrite: bool) -> bool:
             f"(version {CORPUS_VERSION}) cannot resume: upgrade attnscope, or choose another out "
             "directory"
         )
-    old_params, new_params = old.get("parameters") or {}, manifest["parameters"]
+    old_params, new_params = (
+        {**OPTIONAL_PARAMETERS, **params}
+        for params in (old.get("parameters") or {}, manifest["parameters"])
+    )
     differences = [
         f"{key}={old_params.get(key)!r} (now {new_params.get(key)!r})"
         for key in dict.fromkeys([*old_params, *new_params])

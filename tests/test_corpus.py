@@ -1,4 +1,5 @@
-"""Corpus runs: batched statistics equal analyze() per prompt, kill/resume, failures, RunStore."""
+"""Corpus runs: batched statistics equal analyze() per prompt (also fused), kill/resume, failures,
+RunStore."""
 
 import html
 import json
@@ -95,6 +96,64 @@ def test_fai_on_response_rows_batches_equal_lengths(gpt2, tmp_path):
         assert_same_trace(got, ref, 1e-4)
     with pytest.raises(ValueError, match="fai_rows"):
         asc.analyze_corpus(gpt2, texts, out=tmp_path / "d", fai_rows="prompt")
+
+
+def assert_fused_matches(got: asc.Trace, ref: asc.Trace) -> None:
+    """``got`` (fused forward) has ``ref``'s (default capture) tokens and statistics within
+    1e-4 relative, and says where its attention output came from."""
+    assert got.token_ids == ref.token_ids and got.spans == ref.spans
+    assert got.meta["stats_config"]["exact_logits"] is False
+    assert ref.meta["stats_config"]["exact_logits"] is True
+    assert "fused forward" in got.meta["backend_reason"]
+    assert "fused forward" not in ref.meta["backend_reason"]
+    for table, ref_table in ((got.rows, ref.rows), (got.cols, ref.cols)):
+        assert set(table) == set(ref_table)
+        for name, value in table.items():
+            torch.testing.assert_close(value, ref_table[name], rtol=1e-4, atol=1e-6, equal_nan=True)
+
+
+def test_fused_corpus_equals_the_default_corpus(lm, tmp_path):
+    """exact_logits=False: every batch's captured forward is the fused one (left padding,
+    generated responses), with the default run's statistics."""
+    runs = {}
+    for exact in (True, False):
+        out = tmp_path / str(exact)
+        summary = asc.analyze_corpus(
+            lm, TEXTS, GENERATE, out=out, batch_size=3, exact_logits=exact, progress=False
+        )
+        assert summary.done == ["0", "1", "2", "3", "4"] and summary.skipped == {}
+        runs[exact] = [asc.Trace.load(out / "prompts" / str(i)) for i in range(len(TEXTS))]
+    for got, ref in zip(runs[False], runs[True], strict=True):
+        assert_fused_matches(got, ref)
+
+
+def test_fused_corpus_manifest_resume_and_cli(gpt2, tmp_path, capsys):
+    """corpus.json records exact_logits only when False (runs that recorded the default or
+    predate the option resume); a resume with the other value is refused; the CLI's --fused
+    takes --prompts."""
+    texts, default, fused = ["a b", "c d e"], tmp_path / "runs" / "default", tmp_path / "runs" / "f"
+    asc.analyze_corpus(gpt2, texts, out=default, progress=False)
+    manifest = json.loads((default / "corpus.json").read_text())
+    assert "exact_logits" not in manifest["parameters"]  # as written before the option
+    with pytest.raises(RunExistsError, match=r"differs: exact_logits=True \(now False\)\. Resume"):
+        asc.analyze_corpus(gpt2, texts, out=default, exact_logits=False, progress=False)
+    manifest["parameters"]["exact_logits"] = True  # as recorded by earlier versions
+    (default / "corpus.json").write_text(json.dumps(manifest))
+    assert asc.analyze_corpus(gpt2, texts, out=default, progress=False).resumed == ["0", "1"]
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    args = ["analyze", "--model", "tiny-gpt2", "--prompts", str(prompts), "--out", str(fused)]
+    assert main([*args, "--fused"]) == 0
+    assert "2 prompts done, 0 skipped" in capsys.readouterr().out
+    assert json.loads((fused / "corpus.json").read_text())["parameters"]["exact_logits"] is False
+    for i in range(len(texts)):
+        got = asc.Trace.load(fused / "prompts" / str(i))
+        assert_fused_matches(got, asc.Trace.load(default / "prompts" / str(i)))
+    assert main([*args, "--fused"]) == 0
+    assert "2 prompts done (2 from an earlier run), 0 skipped" in capsys.readouterr().out
+    assert main(args) == 2
+    assert "differs: exact_logits=False (now True)" in capsys.readouterr().err
 
 
 # -- interruption and failures -------------------------------------------------------------------

@@ -81,7 +81,9 @@ def reference(cache_dir, tmp_path_factory) -> dict[str, asc.Trace]:
     return {pid: asc.Trace.load(out / "prompts" / pid) for pid, _ in PROMPTS}
 
 
-def assert_stored_once_like(out: Path, reference: dict[str, asc.Trace], atol: float = 1e-5):
+def assert_stored_once_like(
+    out: Path, reference: dict[str, asc.Trace], atol: float = 1e-5, rtol: float = 0.0
+):
     """``out/prompts`` holds each prompt exactly once, complete (no temporaries or leftovers),
     with the reference's tokens and statistics."""
     entries = sorted(p.name for p in (out / "prompts").iterdir())
@@ -95,7 +97,7 @@ def assert_stored_once_like(out: Path, reference: dict[str, asc.Trace], atol: fl
             assert set(table) == set(ref_table)
             for name, value in table.items():
                 torch.testing.assert_close(
-                    value, ref_table[name], atol=atol, rtol=0, equal_nan=True
+                    value, ref_table[name], atol=atol, rtol=rtol, equal_nan=True
                 )
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
@@ -233,6 +235,27 @@ def test_rerun_resumes_and_clears_half_written_prompts(
     printed = capsys.readouterr().out
     assert "40 prompts done (37 from an earlier run), 0 skipped" in printed
     assert_stored_once_like(out, reference)
+
+
+def test_fused_forward_on_ray_workers_equals_the_local_default(
+    local_ray, reference, tmp_path, capsys
+):
+    """--fused with --engine ray: the workers' captured forwards are fused (exact_logits=False
+    reaches them in the config), with the default capture's statistics."""
+    some = PROMPTS[:6]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": pid, "prompt": t}) + "\n" for pid, t in some))
+    out = tmp_path / "c"
+    args = ["analyze", "--model", "tiny-gpt2", "--prompts", str(prompts), "--out", str(out)]
+    args += ["--generate", str(GENERATE), "--batch-size", str(BATCH), "--engine", "ray"]
+    assert main([*args, "--fused"]) == 0
+    assert "6 prompts done, 0 skipped" in capsys.readouterr().out
+    assert json.loads((out / "corpus.json").read_text())["parameters"]["exact_logits"] is False
+    assert_stored_once_like(out, {pid: reference[pid] for pid, _ in some}, atol=1e-6, rtol=1e-4)
+    for pid, _ in some:
+        meta = asc.Trace.load(out / "prompts" / pid).meta
+        assert meta["stats_config"]["exact_logits"] is False
+        assert "fused forward" in meta["backend_reason"]
 
 
 def test_output_to_a_filesystem_uri_is_staged_copied_and_resumed_from_the_uri(

@@ -39,8 +39,6 @@ def run(args: argparse.Namespace) -> int:
     if given and args.engine != "ray":
         raise AttnscopeError(f"{', '.join(given)} need --engine ray")
     if args.prompts:
-        if args.fused:
-            raise AttnscopeError("--fused runs a single --prompt; leave it out with --prompts")
         return _corpus(args, layers, keep_qk)
     return _single(args, layers, keep_qk)
 
@@ -122,6 +120,7 @@ def _corpus(args: argparse.Namespace, layers: Layers | None, keep_qk: Layers | b
             chat=args.chat,
             batch_size=args.batch_size,
             backend=args.backend,
+            exact_logits=not args.fused,
             layers=resolve(layers, n_layers),
             keep_qk=resolve(keep_qk, n_layers),
             overwrite=args.overwrite,
