@@ -2,13 +2,14 @@
 finding | published figure | attnscope on the packaged model | how measured.
 
 Inputs are written by the project (attnscope/findings/texts.py and data/english.txt; speech by
-espeak-ng). Gemma-3-270M: attention sinks, the preplan-and-anchor rhythm, local vs global heads;
-Whisper tiny.en: cross-attention vs saliency. Figures go to --figures as one HTML page (and PNGs when
-kaleido is installed). Not a timing benchmark: one pass, wall times reported for scale.
+espeak-ng). Gemma-3-270M: attention sinks, the preplan-and-anchor rhythm, local vs global heads,
+raw vs value-norm sink mass; Whisper tiny.en: cross-attention vs saliency, derived vs published
+alignment heads. Figures go to --figures as one HTML page (and PNGs when kaleido is installed). Not
+a timing benchmark: one pass, wall times reported for scale.
 
     python benchmarks/fidelity.py [--sink-texts 32] [--problems 32] [--new-tokens 64]
-        [--head-texts 16] [--clips 6] [--saliency gradient_x_input] [--shuffles 2000]
-        [--figures benchmarks/figures] [--no-write]
+        [--head-texts 16] [--value-texts 16] [--clips 6] [--word-clips 8]
+        [--saliency gradient_x_input] [--shuffles 2000] [--figures benchmarks/figures] [--no-write]
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from attnscope.findings import (
     measure_sinks,
     measure_speech,
 )
+from attnscope.findings.speech import alignment_heads_row, alignment_heads_verdict
+from attnscope.findings.texts import SPEECH_SENTENCES, take
+from attnscope.findings.valuesinks import measure_value_sinks
+from attnscope.speech import AlignmentHeads, alignment_heads
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import write_section
@@ -66,13 +71,32 @@ def save_figures(figures: dict, directory: Path) -> list[Path]:
     return written
 
 
+def per_head_table(heads: AlignmentHeads) -> str:
+    """Every decoder cross-attention head of the model, best word timing first."""
+    rows = sorted(heads.table().to_pylist(), key=lambda r: r["rank"])
+    lines = [
+        f"| ({r['layer']},{r['head']}) | {r['boundary_error']:.3f} | {r['word_mass']:.2f} | "
+        f"{r['rank']} | {'yes' if r['published'] else ''} |"
+        for r in rows
+    ]
+    return (
+        f"Every decoder cross-attention head of {heads.model}, best first (boundary error: "
+        "seconds, mean over clips of the median word-boundary error; word mass: share of a "
+        "word's attention inside its true frames):\n\n"
+        "| head (layer, head) | boundary error (s) | word mass | rank | published |\n"
+        "|---|---|---|---|---|\n" + "\n".join(lines)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sink-texts", type=int, default=32, help="paragraphs for the sink ratio")
     parser.add_argument("--problems", type=int, default=32, help="word problems for the rhythm")
     parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per problem")
     parser.add_argument("--head-texts", type=int, default=16, help="paragraphs for head spans")
+    parser.add_argument("--value-texts", type=int, default=16, help="paragraphs, value norms")
     parser.add_argument("--clips", type=int, default=6, help="synthesised speech clips")
+    parser.add_argument("--word-clips", type=int, default=8, help="word-by-word clips, heads")
     parser.add_argument("--saliency", default="gradient_x_input", help="gxi, ig or occlusion")
     parser.add_argument("--shuffles", type=int, default=2000, help="random draws for baselines")
     parser.add_argument("--figures", type=Path, default=Path(__file__).parent / "figures")
@@ -89,15 +113,24 @@ def main() -> None:
     sinks = measure_sinks(gemma, args.sink_texts)
     rhythm = measure_rhythm(gemma, args.problems, args.new_tokens, n_shuffles=args.shuffles)
     heads = measure_heads(gemma, args.head_texts)
+    value_sinks = measure_value_sinks(gemma, args.value_texts)
     del gemma
     clock = time.perf_counter()
     whisper = asc.load("whisper-tiny-en")
     load_seconds["whisper-tiny-en"] = time.perf_counter() - clock
     speech = measure_speech(whisper, args.clips, args.saliency)
+    sentences = take(SPEECH_SENTENCES, args.word_clips, "speech sentences")
+    alignment = alignment_heads(whisper, sentences)
     total = time.perf_counter() - start
     load_average.append(os.getloadavg()[0])
 
-    results = {"sinks": sinks, "rhythm": rhythm, "heads": heads, "speech": speech}
+    results = {
+        "sinks": sinks,
+        "rhythm": rhythm,
+        "heads": heads,
+        "value-norm sinks": value_sinks,
+        "speech": speech,
+    }
     figures = {
         "fidelity_sinks_per_layer": sinks.figure(),
         "fidelity_head_span": heads.figure(),
@@ -105,9 +138,16 @@ def main() -> None:
         "fidelity_speech_alignment": speech.figure(),
     }
     written = save_figures(figures, args.figures)
-    table = markdown(r.row() for r in results.values())
-    verdicts = "\n".join(f"- {name}: {r.verdict()}" for name, r in results.items())
-    timing = ", ".join(f"{name} {r.seconds:.0f} s" for name, r in results.items())
+    table = markdown([*(r.row() for r in results.values()), alignment_heads_row(alignment)])
+    verdicts = "\n".join(
+        [
+            *(f"- {name}: {r.verdict()}" for name, r in results.items()),
+            f"- alignment heads: {alignment_heads_verdict(alignment)}",
+        ]
+    )
+    timing = ", ".join(
+        f"{name} {r.seconds:.0f} s" for name, r in {**results, "alignment": alignment}.items()
+    )
     loads = ", ".join(f"{name} {s:.0f} s" for name, s in load_seconds.items())
     png = "" if any(p.suffix == ".png" for p in written) else " (no PNG: kaleido is not installed)"
     try:
@@ -128,7 +168,7 @@ def main() -> None:
     print(table)
     if not args.no_write:
         command = "python benchmarks/fidelity.py" + "".join(f" {a}" for a in sys.argv[1:])
-        write_section(SECTION, command, note + "\n\n" + table)
+        write_section(SECTION, command, f"{note}\n\n{table}\n\n{per_head_table(alignment)}")
 
 
 if __name__ == "__main__":
