@@ -42,6 +42,9 @@ LABELS = (
     ("retrieval", "retrieval", 0.1),
     ("receiver", "receiver", 10.0),
 )
+# receiver heads are the model's most kurtotic (Bogdan et al. rank heads by kurtosis): a head is
+# labelled one only within this top share of its model's heads, and above the threshold
+RECEIVER_SHARE = 0.1
 # what views call each score, in the order they list them (unknown names follow, as written)
 SCORE_TITLES = {
     "induction_random": "induction (random tokens)",
@@ -123,7 +126,12 @@ def head_scores(trace: Trace) -> dict[str, Tensor]:
 
 def label_heads(scores: dict[str, Tensor], shape: tuple[int, int]) -> list[str]:
     """One label per head in (layer, head) order: the first of ``LABELS`` whose score reaches
-    its threshold, else ``sink`` (first-token sink heads), else ``-``."""
+    its threshold (receiver: and within the top ``RECEIVER_SHARE`` of the heads), else ``sink``
+    (first-token sink heads), else ``-``."""
+    thresholds = {key: threshold for key, _, threshold in LABELS}
+    if "receiver" in scores and not bool(scores["receiver"].isnan().all()):
+        top = torch.nanquantile(scores["receiver"].double().flatten(), 1 - RECEIVER_SHARE)
+        thresholds["receiver"] = max(thresholds["receiver"], float(top))
     sink = (
         metrics.sink_heads(scores["sink"])
         if "sink" in scores
@@ -135,8 +143,8 @@ def label_heads(scores: dict[str, Tensor], shape: tuple[int, int]) -> list[str]:
             label = next(
                 (
                     text
-                    for key, text, threshold in LABELS
-                    if key in scores and float(scores[key][i, h]) >= threshold
+                    for key, text, _ in LABELS
+                    if key in scores and float(scores[key][i, h]) >= thresholds[key]
                 ),
                 "sink" if bool(sink[i, h]) else "-",
             )
