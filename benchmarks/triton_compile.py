@@ -1,8 +1,9 @@
-"""Compile every fused-kernel variant for sm_80 and sm_90 on a machine without a GPU.
+"""Compile every Triton kernel variant for sm_80 and sm_90 on a machine without a GPU.
 
 For each variant of ``attnscope.kernels.launch.VARIANTS`` the script builds the request on the
-CPU, takes the launches ``triton_stats`` would run (``plan``) and compiles each kernel with every
-launch configuration the CUDA autotuner may pick, exactly as a CUDA launch would (same argument
+CPU, takes the launches ``triton_stats`` would run (``plan``; with the variant's value for the
+fused forward, whose row pass accumulates P @ V) and compiles each kernel with every launch
+configuration the CUDA autotuner may pick, exactly as a CUDA launch would (same argument
 specialisation), to real cubin. It reports shared memory (``compiled.metadata.shared``),
 registers and stack bytes per thread (``cuobjdump -res-usage`` on the cubin: ptxas spills
 registers to the stack frame, so stack 0 means no spills) and fails on more shared memory than
@@ -12,12 +13,13 @@ seconds. On a GPU machine, ``--targets 90`` (one process per core) fills the cac
 GPU check.
 
     python benchmarks/triton_compile.py [--targets 80 90] [--shards N] [--variants covering|gpu]
-                                        [--json OUT] [--write]
+                                        [--only GLOB ...] [--json OUT] [--write]
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import re
@@ -63,10 +65,11 @@ def bind(launch: Any, cfg: Any, capability: int) -> tuple[Any, ...]:
     return target, backend, kwargs, bound, specialization, options
 
 
-def jobs(variant_set: str) -> list[tuple[list[str], Any, Any]]:
-    """Distinct compiles over the variants (``VARIANTS``, or with ``gpu`` ``GPU_VARIANTS``):
-    ([variant names], launch, tile config); two launches are the same compile when their argument
-    specialisations and configs agree (the first variant's launch stands for the others)."""
+def jobs(variant_set: str, only: list[str]) -> list[tuple[list[str], Any, Any]]:
+    """Distinct compiles over the variants (``VARIANTS``, or with ``gpu`` ``GPU_VARIANTS``; with
+    ``only``, those whose name matches one of its globs): ([variant names], launch, tile config);
+    two launches are the same compile when their argument specialisations and configs agree (the
+    first variant's launch stands for the others)."""
     import importlib
 
     from attnscope.kernels.launch import GPU_VARIANTS, VARIANTS
@@ -76,11 +79,13 @@ def jobs(variant_set: str) -> list[tuple[list[str], Any, Any]]:
     assert not triton_stats.INTERPRET, "compile with TRITON_INTERPRET unset"
     found: dict[tuple, tuple[list[str], Any, Any]] = {}
     for variant in GPU_VARIANTS if variant_set == "gpu" else VARIANTS:
-        q, k, kwargs = variant.inputs(LENGTH)
-        for launch in triton_stats.plan(build_request(q, k, **kwargs)).launches:
+        if only and not any(fnmatch.fnmatchcase(variant.name, glob) for glob in only):
+            continue
+        q, k, v, kwargs = variant.inputs(LENGTH)
+        for launch in triton_stats.plan(build_request(q, k, **kwargs), v).launches:
             for cfg in launch.configs:
                 specialization = bind(launch, cfg, 90)[4]
-                key = (launch.kind, cfg, str(specialization))
+                key = (launch.name, cfg, str(specialization))
                 found.setdefault(key, ([], launch, cfg))[0].append(variant.name)
     return list(found.values())
 
@@ -121,16 +126,18 @@ def resources(cubin: bytes) -> dict[str, int]:
     }
 
 
-def child(capability: int, shard: int, shards: int, variant_set: str, out: str) -> None:
+def child(
+    capability: int, shard: int, shards: int, variant_set: str, only: list[str], out: str
+) -> None:
     """Compile this shard's jobs for one target; write one JSON record per job."""
     records = []
-    for i, (names, launch, cfg) in enumerate(jobs(variant_set)):
+    for i, (names, launch, cfg) in enumerate(jobs(variant_set, only)):
         if i % shards != shard:
             continue
         start = time.perf_counter()
         record: dict[str, Any] = dict(
             variants=names,
-            kernel=launch.kind,
+            kernel=launch.name,
             dtype=str(launch.args[0].dtype).removeprefix("torch."),
             head_dim=launch.head_dim,
             heads=cfg.heads(launch.groups),
@@ -202,7 +209,7 @@ def table(records: list[dict]) -> str:
 
 
 def compile_all(
-    targets: list[int], shards: int, variant_set: str = "covering"
+    targets: list[int], shards: int, variant_set: str = "covering", only: list[str] | None = None
 ) -> tuple[list[dict], float]:
     """Run one child process per (target, shard) in parallel; their records and the wall time."""
     start = time.perf_counter()
@@ -212,6 +219,7 @@ def compile_all(
         for shard in range(shards):
             out = tmp / f"sm{capability}-{shard}.json"
             args = ["--child", str(capability), str(shard), str(shards), variant_set, str(out)]
+            args += ["--only", *only] if only else []
             cmd = [sys.executable, __file__, *args]
             log = (tmp / f"{out.stem}.log").open("w")
             procs.append((subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=log), out))
@@ -238,14 +246,23 @@ def main() -> int:
         default="covering",
         help="launch.VARIANTS, or GPU_VARIANTS (adds fp32 feature variants, as the GPU tests run)",
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        metavar="GLOB",
+        help="variants whose name matches a glob (e.g. 'fused-*'); --write refuses it",
+    )
     parser.add_argument("--child", nargs=5, metavar=("CAP", "SHARD", "SHARDS", "SET", "OUT"))
     args = parser.parse_args()
     if args.child:
         capability, shard, shards, variant_set, out = args.child
-        child(int(capability), int(shard), int(shards), variant_set, out)
+        child(int(capability), int(shard), int(shards), variant_set, args.only, out)
         return 0
+    if args.write and (args.only or args.variants != "covering"):
+        parser.error("--write records the covering set: no --only, no --variants gpu")
     shards = args.shards or max(1, (os.cpu_count() or 1) // len(args.targets))
-    records, wall = compile_all(args.targets, shards, args.variants)
+    records, wall = compile_all(args.targets, shards, args.variants, args.only)
     cpu = sum(r["seconds"] for r in records)
     text = table(records)
     bad = problems(records)
@@ -269,9 +286,11 @@ def main() -> int:
             f"`triton.compile` to cubin for `GPUTarget('cuda', 80 | 90, 32)` on a CPU-only "
             f"machine: each variant of `attnscope.kernels.launch.VARIANTS` at L = {LENGTH} with "
             "every launch configuration the CUDA autotuner may pick, arguments specialised as a "
-            f"CUDA launch would. Cells: shared memory per block (limits {limits}) / registers "
-            "per thread (cuobjdump; stack 0 = no spills). Heads per tile: query heads of a KV "
-            f"group packed into one tile. {len(records)} kernels; this run {cpu:.0f} s of "
+            "CUDA launch would. Kernel `fused`: the row pass of the fused forward "
+            "(`exact_logits=False`), which also accumulates P @ V. Cells: shared memory per block "
+            f"(limits {limits}) / registers per thread (cuobjdump; stack 0 = no spills). Heads "
+            "per tile: query heads of a KV group packed into one tile; d/2: score dots in two "
+            f"slices of the head dim. {len(records)} kernels; this run {cpu:.0f} s of "
             f"compiling, {wall:.0f} s wall on {os.cpu_count()} cores (kernels found in the Triton "
             f"cache count ~0 s); {len(bad)} problem(s)."
         )

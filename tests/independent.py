@@ -166,3 +166,44 @@ def _mean_over_rows(a: Tensor, sel: Tensor) -> Tensor:
     n = sel.sum(-2).double()
     total = torch.where(sel, a, 0.0).sum(-2)
     return torch.where(n > 0, total / n.clamp_min(1), float("nan"))
+
+
+def reference_output(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    key_valid: Tensor | None = None,
+    sinks: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """The attention output ``softmax(q k^T / sqrt(D)) v`` in float64 from the definition, on
+    q's device; q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D|Dv]``, key_valid ``[B, T]``
+    (left padding), mask bool ``[B, 1|Hq, T, T]`` (True = attend). Rows that see no key: 0.
+    ``[B, Hq, T, Dv]``."""
+    b, hq, tq, d = q.shape
+    group = hq // k.shape[1]
+    kk = k.double().repeat_interleave(group, 1)
+    vv = v.double().repeat_interleave(group, 1)
+    s = q.double() @ kk.transpose(-1, -2) / math.sqrt(d)  # [B, Hq, Tq, Tk]
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    pos = torch.arange(s.shape[-1], device=s.device)
+    seen = torch.ones_like(s, dtype=torch.bool)
+    if key_valid is not None:  # left padding: positions count real keys only
+        pos = key_valid.long().cumsum(-1)[:, None, :] - 1  # [B, 1, Tk]
+        seen &= key_valid[:, None, None, :]
+    qp, kp = pos[..., :, None], pos[..., None, :]
+    if causal:
+        seen &= kp <= qp
+    if sliding_window is not None:
+        seen &= qp - kp < sliding_window
+    if mask is not None:
+        seen &= mask.bool()
+    s = s.masked_fill(~seen, -math.inf)
+    if sinks is not None:
+        s = torch.cat([s, sinks.double()[None, :, None, None].expand(b, hq, tq, 1)], -1)
+    p = torch.softmax(s, -1).nan_to_num()[..., : vv.shape[2]]
+    return p @ vv

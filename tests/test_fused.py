@@ -4,11 +4,9 @@ prompt."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from independent import reference_stats
+from independent import reference_output, reference_stats
 from reference import assert_trace_matches, eager_attentions
 
 import attnscope as asc
@@ -24,34 +22,6 @@ CASES = {
     "padding": dict(padded=True),
     "sinks": dict(sinks=True),
 }
-
-
-def reference_output(
-    q, k, v, causal=True, sliding_window=None, softcap=None, valid=None, sinks=None
-):
-    """softmax(q k^T / sqrt(D)) v in float64 from the definition; rows that see no key: 0."""
-    b, hq, tq, d = q.shape
-    group = hq // k.shape[1]
-    kk = k.double().repeat_interleave(group, 1)
-    vv = v.double().repeat_interleave(group, 1)
-    s = q.double() @ kk.transpose(-1, -2) / math.sqrt(d)  # [B, Hq, Tq, Tk]
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    pos = torch.arange(s.shape[-1])
-    seen = torch.ones_like(s, dtype=torch.bool)
-    if valid is not None:  # left padding: positions count real keys only
-        pos = valid.long().cumsum(-1)[:, None, :] - 1  # [B, 1, Tk]
-        seen &= valid[:, None, None, :]
-    qp, kp = pos[..., :, None], pos[..., None, :]
-    if causal:
-        seen &= kp <= qp
-    if sliding_window is not None:
-        seen &= qp - kp < sliding_window
-    s = s.masked_fill(~seen, -math.inf)
-    if sinks is not None:
-        s = torch.cat([s, sinks.double()[None, :, None, None].expand(b, hq, tq, 1)], -1)
-    p = torch.softmax(s, -1).nan_to_num()[..., : vv.shape[2]]
-    return p @ vv
 
 
 def inputs(case: str):
@@ -81,7 +51,7 @@ def test_fused_output_and_stats_match_the_references(case: str) -> None:
         causal=opts.get("causal", True),
         sliding_window=opts.get("sliding_window"),
         softcap=opts.get("softcap"),
-        valid=valid,
+        key_valid=valid,
         sinks=opts.get("sinks"),
     )
     assert out.shape == (2, 4, 96, 8) and out.dtype == q.dtype
@@ -153,7 +123,7 @@ def test_triton_fused_output_in_the_interpreter(case: str) -> None:
         k,
         v,
         sliding_window=opts.get("sliding_window"),
-        valid=valid,
+        key_valid=valid,
         sinks=opts.get("sinks"),
     )
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)

@@ -1,15 +1,19 @@
 """Triton backend in the interpreter (TRITON_INTERPRET=1, set by conftest) against the dense
-reference, every kernel variant of ``launch.VARIANTS`` against chunked, and the same variants on a
-CUDA GPU (``cuda`` tests, run by benchmarks/gpu_check.py). Small shapes keep the interpreter fast."""
+reference, every kernel variant of ``launch.VARIANTS`` against chunked (the fused forward's
+variants: output against the float64 definition, statistics against the independent reference),
+and the same variants on a CUDA GPU (``cuda`` tests, run by benchmarks/gpu_check.py). Small shapes
+keep the interpreter fast."""
 
 import dataclasses
 
 import pytest
 import torch
+from independent import reference_output, reference_stats
 
 from attnscope import kernels
 from attnscope.errors import UnsupportedMetricError
 from attnscope.kernels import backends, launch
+from attnscope.kernels.fused import fused_attention
 from attnscope.kernels.launch import GPU_VARIANTS, VARIANTS, Variant
 
 triton_stats = pytest.importorskip("attnscope.kernels.triton_stats")
@@ -27,24 +31,33 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(triton_stats, "_alloc", alloc)
 
 
-def compare(q, k, atol=1e-4, rtol=1e-4, reference="dense", label="", **kwargs):
-    """Triton against ``reference`` on the same request: every element written and close."""
-    got = kernels.attention_stats(q, k, backend="triton", **kwargs)
-    ref = kernels.attention_stats(q, k, backend=reference, **kwargs)
+def assert_stats_close(got, ref, atol: float, rtol: float, label: str = "") -> None:
+    """``got`` (the triton backend's stats) against ``ref`` (another backend's, or the float64
+    reference's): the same statistics, every element written and close."""
     assert got.backend == "triton"
     assert got.rows.keys() == ref.rows.keys() and got.cols.keys() == ref.cols.keys()
     for kind, a, b in (("row", got.rows, ref.rows), ("col", got.cols, ref.cols)):
         for name in b:
             assert not (a[name] == POISON).any(), f"{label}{kind} {name}: unwritten elements"
             torch.testing.assert_close(
-                a[name],
-                b[name],
+                a[name].double(),
+                b[name].double(),
                 atol=atol,
                 rtol=rtol,
                 equal_nan=True,
                 msg=lambda m, n=name, t=kind: f"{label}{t} {n}: {m}",
             )
-    torch.testing.assert_close(got.lse, ref.lse, atol=atol, rtol=rtol, equal_nan=True)
+    torch.testing.assert_close(
+        got.lse.double(), ref.lse.double(), atol=atol, rtol=rtol, equal_nan=True
+    )
+
+
+def compare(q, k, atol=1e-4, rtol=1e-4, reference="dense", label="", **kwargs):
+    """Triton against ``reference`` on the same request: every element written and close."""
+    got = kernels.attention_stats(q, k, backend="triton", **kwargs)
+    assert_stats_close(
+        got, kernels.attention_stats(q, k, backend=reference, **kwargs), atol, rtol, label
+    )
     return got
 
 
@@ -122,19 +135,45 @@ def test_triton_too_many_spans():
 
 
 def check_variant(variant: Variant, device: str, length: int) -> None:
-    """One kernel variant: triton against chunked on ``device``, every element written."""
-    q, k, kwargs = variant.inputs(length, device)
+    """One kernel variant on ``device``, every element written: triton against chunked. A fused
+    variant (``value``): its output ``[B, Hq, L, D]`` against softmax(q k^T) v in float64 and
+    its statistics against the independent float64 reference (on CUDA, where that is too slow
+    at these lengths, against chunked)."""
+    q, k, v, kwargs = variant.inputs(length, device)
     on_gpu = device != "cpu" and not triton_stats.INTERPRET
+    half = q.dtype != torch.float32
     # the interpreter computes in fp32 from the inputs, as chunked does; on the GPU half inputs
     # meet tf32 span sums, fp32 inputs tf32x3 scores
-    atol, rtol = (2e-3, 2e-2) if on_gpu and q.dtype != torch.float32 else (2e-4, 1e-3)
-    compare(q, k, atol, rtol, reference="chunked", label=f"{variant.name} ", **kwargs)
+    atol, rtol = (2e-3, 2e-2) if on_gpu and half else (2e-4, 1e-3)
+    label = f"{variant.name} "
+    if v is None:
+        compare(q, k, atol, rtol, reference="chunked", label=label, **kwargs)
+        return
+    out, got = fused_attention(q, k, v, backend="triton", **kwargs)
+    # the references take key padding [B, L] and a full mask [B, 1|Hq, L, L] apart
+    opts = dict(kwargs)
+    if (mask := opts.pop("mask", None)) is not None:
+        opts["key_valid" if mask.dim() == 2 else "mask"] = mask
+    if on_gpu:  # the float64 reference is too slow at these lengths
+        ref = kernels.attention_stats(q, k, backend="chunked", **kwargs)
+    else:
+        ref = reference_stats(q, k, **opts)
+    assert_stats_close(got, ref, atol, rtol, label)
+    # the output is rounded to q's dtype; on the GPU P is rounded to it for P @ V
+    out_tol = 2e-2 if half else 1e-4 if on_gpu else 1e-5
+    want = reference_output(q, k, v, **opts)
+    assert out.dtype == q.dtype and out.shape == want.shape
+    torch.testing.assert_close(
+        out.double(), want, atol=out_tol, rtol=out_tol, msg=lambda m: f"{label}output: {m}"
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
 def test_variant_in_interpreter(variant):
-    """Every variant the compile check builds for sm_80 / sm_90 also computes the right numbers."""
-    check_variant(variant, "cpu", 40)
+    """Every variant the compile check builds for sm_80 / sm_90 also computes the right numbers
+    (the fused forward's at 64 tokens: four key tiles, so a sliding window has tiles it sees
+    entirely)."""
+    check_variant(variant, "cpu", 64 if variant.value else 40)
 
 
 @pytest.mark.cuda
@@ -162,7 +201,7 @@ def test_every_candidate_on_cuda(variant, choice, monkeypatch):
 
 @pytest.mark.cuda
 def test_auto_picks_triton_on_cuda():
-    q, k, _ = VARIANTS[0].inputs(256, "cuda")
+    q, k, _, _ = VARIANTS[0].inputs(256, "cuda")
     stats = kernels.attention_stats(q, k)
     assert stats.backend == "triton", stats.reason
     bias = torch.zeros(1, 1, 256, 256, device="cuda")

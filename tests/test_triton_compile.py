@@ -1,9 +1,9 @@
 """The scripts for a GPU machine, run on one without. benchmarks/triton_compile.py (in a
-subprocess, TRITON_INTERPRET unset) compiles every variant of ``launch.VARIANTS`` to real cubin for
-sm_80 and sm_90 with every launch configuration the CUDA autotuner may pick: within the target's
-shared memory and without register spills. About 3 minutes on 2 idle cores the first time; the
-Triton cache (~/.cache/attnscope/triton) brings reruns to seconds. benchmarks/gpu_check.py runs
-to the end on the CPU."""
+subprocess, TRITON_INTERPRET unset) compiles every variant of ``launch.VARIANTS`` (the fused
+forward's too) to real cubin for sm_80 and sm_90 with every launch configuration the CUDA
+autotuner may pick: within the target's shared memory and without register spills. About
+3 minutes on 2 idle cores the first time; the Triton cache (~/.cache/attnscope/triton)
+brings reruns to seconds. benchmarks/gpu_check.py runs to the end on the CPU."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_every_variant_compiles_for_both_targets(records):
     compiled = {(name, r["kernel"], r["target"]) for r in records for name in r["variants"]}
     for variant in VARIANTS:
         for target in SHARED_MEMORY:
-            for kernel in ("row", "col"):
+            for kernel in ("fused" if variant.value else "row", "col"):
                 assert (variant.name, kernel, target) in compiled, (variant.name, kernel, target)
     assert not [r for r in records if "error" in r]
 
@@ -84,7 +84,7 @@ def test_gpu_check_runs_to_the_end_without_a_gpu():
     summary = proc.stdout[proc.stdout.rindex("SUMMARY") :]
     assert proc.returncode == 0, summary + proc.stderr[-3000:]
     assert "gpu_check: 0 step(s) failed" in summary
-    for step in ("variants", "capture", "table"):
+    for step in ("variants", "capture", "fused", "table"):
         assert f"\n{step}" in summary and " ok " in summary.split(f"\n{step}")[1].split("\n")[0]
     if "SUMMARY (no CUDA)" in summary:
         assert "compile   skipped" in summary

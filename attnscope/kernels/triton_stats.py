@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnscope.kernels.launch import Kind, TileConfig, block_d, candidates, size_class
+from attnscope.kernels.launch import Kind, Pass, TileConfig, block_d, candidates, size_class
 from attnscope.kernels.request import SPAN_PREFIX, StatsRequest
 from attnscope.kernels.stats import AttentionStats
 
@@ -74,7 +74,12 @@ def _load(X, offsets, ok, D: tl.constexpr, BLOCK_D: tl.constexpr, CAST: tl.const
 def _scores(a, b, scale, softcap, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """Scaled (and soft-capped) scores ``a b^T`` of two tiles [A, D] and [B, D] in log2 units
     (rows of queries against keys, or of keys against queries). [A, B]."""
-    s = tl.dot(a, tl.trans(b), input_precision=PRECISION)
+    return _scaled(tl.dot(a, tl.trans(b), input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)
+
+
+@triton.jit
+def _scaled(s, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Dot products ``s`` as scaled (and soft-capped) scores in log2 units."""
     if HAS_SOFTCAP:  # softcap * tanh(s / softcap), tanh from exp (no libdevice in the interpreter)
         s = s * scale
         s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * LOG2E
@@ -219,14 +224,17 @@ def _row_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GP: tl.constexpr,
+    SPLIT_D: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = BLOCK_M // GP
+    BLOCK_DS: tl.constexpr = BLOCK_D // SPLIT_D  # head dim slice of a score dot
+    tl.static_assert(BLOCK_DS >= 16)
     t0 = tl.program_id(0) * BLOCK_T
     b, hk, chunk = _group(tl.program_id(1), Hkv, groups, GP)
     t, h, row_ok = _rows(t0, chunk, hk, groups, Tq, BLOCK_T, GP)
-    q = _load(
-        Q, b * stride_qb + h * stride_qh + t.to(tl.int64) * stride_qt, row_ok, D, BLOCK_D, CAST
-    )
+    q_offsets = b * stride_qb + h * stride_qh + t.to(tl.int64) * stride_qt
+    if SPLIT_D == 1:  # the query tile stays in registers
+        q = _load(Q, q_offsets, row_ok, D, BLOCK_D, CAST)
     qp = tl.load(QPOS + b * Tq + t, mask=row_ok, other=0)
     qp0 = tl.min(tl.where(row_ok, qp, FAR), 0)  # distances relative to it are exact in fp32
     qp_rel = (qp - qp0).to(tl.float32)
@@ -259,8 +267,18 @@ def _row_kernel(
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < Tk
-        k = _load(k_base, cols.to(tl.int64) * stride_kt, col_ok, D, BLOCK_D, CAST)
-        s = _scores(q, k, scale, softcap, HAS_SOFTCAP, PRECISION)
+        k_offsets = cols.to(tl.int64) * stride_kt
+        if SPLIT_D == 1:
+            k = _load(k_base, k_offsets, col_ok, D, BLOCK_D, CAST)
+            s = _scores(q, k, scale, softcap, HAS_SOFTCAP, PRECISION)
+        else:  # slices of the head dim, the query's reloaded per key tile: fewer registers
+            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for c in tl.static_range(SPLIT_D):
+                d0 = c * BLOCK_DS
+                q_slice = _load(Q + d0, q_offsets, row_ok, D - d0, BLOCK_DS, CAST)
+                k_slice = _load(k_base + d0, k_offsets, col_ok, D - d0, BLOCK_DS, CAST)
+                s += tl.dot(q_slice, tl.trans(k_slice), input_precision=PRECISION)
+            s = _scaled(s, scale, softcap, HAS_SOFTCAP)
         kp = tl.load(KPOS + b * Tk + cols, mask=col_ok, other=0)
         kp_rel = (kp - qp0).to(tl.float32)
         if (start < first) | (start >= last):  # the tile crosses a boundary: mask it
@@ -505,9 +523,13 @@ class Launch:
     def kernel(self) -> Any:
         return KERNELS[self.kind]
 
+    @property
+    def name(self) -> Pass:
+        """The pass: ``row``, ``fused`` (the row kernel with P @ V) or ``col``."""
+        return "fused" if self.flags.get("HAS_V") else self.kind
+
     def constexprs(self, cfg: TileConfig) -> dict[str, Any]:
-        tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GP=cfg.heads(self.groups))
-        return {**self.flags, **tile}
+        return {**self.flags, **cfg.constexprs(self.kind, self.groups)}
 
     def grid(self, meta: dict[str, Any]) -> tuple[int, int]:
         """Programs for the tile sizes in ``meta`` (BLOCK_M, BLOCK_N, GP)."""
@@ -534,11 +556,7 @@ def _autotuned(
     class (``size``, only part of the cache key), choosing per constexpr ``flags`` and dtypes."""
     del size
     tile_configs = [
-        triton.Config(
-            dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GP=c.heads(groups)),
-            num_warps=c.num_warps,
-            num_stages=c.num_stages,
-        )
+        triton.Config(c.constexprs(kind, groups), num_warps=c.num_warps, num_stages=c.num_stages)
         for c in configs
     ]
     return triton.autotune(tile_configs, key=list(flags))(KERNELS[kind])
@@ -692,7 +710,8 @@ def plan(req: StatsRequest, value: torch.Tensor | None = None) -> Plan:
     row_flags = dict(
         flags, NS=n_spans, HAS_SINKS=has_sinks, HAS_V=has_v, DV=dv, BLOCK_DV=block_d(dv)
     )
-    row_configs = candidates("row", d, q.dtype, INTERPRET)
+    # the fused forward's P @ V accumulator grows with Dv (16, the placeholder, selects by d)
+    row_configs = candidates("fused" if has_v else "row", max(d, dv), q.dtype, INTERPRET)
     launches = [Launch("row", row_args, row_flags, tq, b * hkv, req.groups, d, row_configs)]
     all_rows = {
         "entropy": ent,
