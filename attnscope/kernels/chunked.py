@@ -223,7 +223,7 @@ def _band_block(
     for e in edges:
         kk = slice(ks.start + e.start, ks.start + e.stop)
         hidden.append(~req.allowed(rs, kk))  # [B, 1, r, e]
-        s[..., e] = s[..., e].masked_fill(hidden[-1], neg)
+        s[..., e].masked_fill_(hidden[-1], neg)  # in place, through the view
     m = s.amax(-1, keepdim=True)  # [B, Hq, r, 1]
     valid = m > neg / 2  # rows that see a key
     m = torch.where(valid, m, 0.0)
@@ -233,7 +233,7 @@ def _band_block(
     s.clamp_(min=EXP_FLOOR[s.dtype])
     p = torch.exp(s)  # unnormalised probabilities, 1 at each row's maximum; [B, Hq, r, k]
     for e, out_of_view in zip(edges, hidden, strict=True):
-        p[..., e] = p[..., e].masked_fill(out_of_view, 0.0)
+        p[..., e].masked_fill_(out_of_view, 0.0)
     feats = x.feats[ks]  # [k, F]
     if x.dist_col >= 0:  # positions from the block's first query: no cancellation in fp32
         feats = feats.clone()
@@ -251,7 +251,7 @@ def _band_block(
 
     for name, dest in rows.items():
         if name == "entropy":  # H = log l - sum p (s - m) / l
-            dot = torch.linalg.vecdot(p, s)  # [B, Hq, r]
+            dot = s.mul_(p).sum(-1)  # [B, Hq, r]; s is not read after this (no temporary)
             dest[:, :, rs] = torch.where(valid, torch.log(l_sum) - dot * inv_l, nan)
         elif name == "max_attention":
             dest[:, :, rs] = torch.where(valid, inv_l, nan)
