@@ -33,7 +33,7 @@ from harness import PeakRSS, max_rel_diff, page_in, run_child, write_section
 
 VARIANTS = ("plain", "default", "rows", "fused", "fused-rows")
 ROWS = ("entropy", "mean_distance", "waad", "sink_mass", "max_attention")
-LENS_GB_PER_4K = 9.0  # measured: TransformerLens's eager patterns above the model at 4096 tokens
+LENS_GB_PER_4K = 9.8  # measured (RESULTS.md): TransformerLens above the model at 4096 tokens
 MEMORY_GB = 10.0  # what this benchmark may use above the model on the shared machine
 
 
@@ -262,8 +262,7 @@ def main() -> None:
             f"sequence, all default metrics unless 'rows' (entropy, mean_distance, waad, "
             f"sink_mass, max_attention). Each run is a fresh process: model load, a 256-token "
             f"warm-up, one timed forward; rounds alternate the variants. torch threads = "
-            f"{args.threads}: the 2-core machine was shared with 7 other jobs (1-minute load "
-            f"average {load:.1f} at the end), where 2 threads ran up to 10x slower than 1. "
+            f"{args.threads}; 1-minute load average {load:.1f} at the end. "
             f"Ratios divide by the plain SDPA forward's median of the same length; min-max "
             f"divides the extremes. Peak = RSS increase over the loaded model (10 ms sampling)."
         )
