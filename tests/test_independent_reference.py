@@ -210,3 +210,20 @@ def test_reference_by_hand():
     fai = r.cols["fai"].flatten()
     assert fai[0] == 0.5 and fai[1].isnan()  # key 1 has no row one step ahead
     assert r.lse.flatten().tolist() == pytest.approx([0.0, 0.6931471805599453])
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["band", "key-padding"])
+def test_scores_far_below_the_row_maximum(padded):
+    """Trained models' score gaps put most weights below fp32's normal range: the chunked paths
+    floor them (fast exp) and still match the float64 reference; masked keys stay exactly 0."""
+    g = torch.Generator().manual_seed(7)
+    q, k = (torch.randn(2, 2, 96, 16, generator=g) * 6 for _ in range(2))  # gaps of ~100s
+    key_valid = None
+    if padded:
+        key_valid = torch.ones(2, 96, dtype=torch.bool)
+        key_valid[1, :20] = False
+    got = kernels.attention_stats(q, k, backend="chunked", mask=key_valid)
+    want = reference_stats(q.double(), k.double(), key_valid=key_valid)
+    assert_matches(got, want, tol=F32_TOL)
+    if padded:
+        assert (got.cols["received"][1, :, :20] == 0).all()

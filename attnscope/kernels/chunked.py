@@ -348,7 +348,8 @@ def _block(
     s = req.scores(rs, ks).masked_fill(~allowed, float("-inf"))  # [B, Hq, r, k]
     lse = req.with_sink(torch.logsumexp(s, -1))[..., None]  # [B, Hq, r, 1], sink included
     valid = torch.isfinite(lse)  # [B, Hq, r, 1]
-    p = torch.exp(s - torch.where(valid, lse, 0.0))  # masked keys -> 0; [B, Hq, r, k]
+    z = (s - torch.where(valid, lse, 0.0)).clamp_(min=EXP_FLOOR[s.dtype])  # as in _band_block
+    p = torch.exp(z).masked_fill_(~allowed, 0.0)  # masked keys -> 0; [B, Hq, r, k]
     sink = req.sink_probability(lse[..., 0]) if req.sinks is not None else None  # [B, Hq, r]
     nan = torch.tensor(float("nan"), device=s.device, dtype=s.dtype)
     lse_out[:, :, rs] = lse[..., 0]
