@@ -12,8 +12,7 @@ included): with ``m_t`` the row metric (the weight on the detection pattern's ke
 Other scores: ``lookback`` (mean lookback ratio over the rows that have one), ``receiver``
 (excess kurtosis of the head's FAI column, the mean weight a key receives from later rows, over
 the keys of the ``response`` span or of the whole trace after its first key, the usual sink:
-Bogdan et al. 2025), ``sink`` (first-token
-sink score) and ``span`` (mean look-back distance).
+Bogdan et al. 2025), ``sink`` (first-token sink score) and ``span`` (mean look-back distance).
 """
 
 from __future__ import annotations

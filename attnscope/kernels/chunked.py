@@ -345,11 +345,12 @@ def _block(
     """One block of any request, elementwise over ``[B, Hq, r, k]``; with ``value`` also writes
     the block's attention output into ``out`` (zeros for rows that see no key)."""
     allowed = req.allowed(rs, ks)  # [B, 1|Hq, r, k]
-    s = req.scores(rs, ks).masked_fill(~allowed, float("-inf"))  # [B, Hq, r, k]
+    blocked = ~allowed
+    s = req.scores(rs, ks).masked_fill(blocked, float("-inf"))  # [B, Hq, r, k]
     lse = req.with_sink(torch.logsumexp(s, -1))[..., None]  # [B, Hq, r, 1], sink included
     valid = torch.isfinite(lse)  # [B, Hq, r, 1]
     z = (s - torch.where(valid, lse, 0.0)).clamp_(min=EXP_FLOOR[s.dtype])  # as in _band_block
-    p = torch.exp(z).masked_fill_(~allowed, 0.0)  # masked keys -> 0; [B, Hq, r, k]
+    p = torch.exp(z).masked_fill_(blocked, 0.0)  # masked keys -> 0; [B, Hq, r, k]
     sink = req.sink_probability(lse[..., 0]) if req.sinks is not None else None  # [B, Hq, r]
     nan = torch.tensor(float("nan"), device=s.device, dtype=s.dtype)
     lse_out[:, :, rs] = lse[..., 0]
