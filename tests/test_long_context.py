@@ -57,6 +57,24 @@ def test_a_mask_that_cuts_inside_the_band_takes_the_general_path() -> None:
     assert_same(plain, attention_stats(q, k, backend="dense"))
 
 
+@pytest.mark.parametrize("window", [None, 30])
+def test_rows_that_see_no_key_beside_rows_that_do(window) -> None:
+    """Queries placed before every key (causal): the banded blocks that hold both kinds of row
+    give NaN statistics and lse -inf to the first, as the dense backend does, and the rest
+    match it (spans, sinks and column sums included)."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 100, 16, generator=g, dtype=torch.float64)  # [B, Hq, T, D]
+    k = torch.randn(1, 2, 100, 16, generator=g, dtype=torch.float64)  # [B, Hkv, T, D]
+    where = dict(q_pos=torch.arange(100)[None], k_pos=torch.arange(50, 150)[None])
+    options = dict(sliding_window=window, spans={"early": (55, 60)}, **where)
+    fast = attention_stats(q, k, backend="chunked", **options)
+    slow = attention_stats(q, k, backend="dense", **options)
+    assert_same(fast, slow, tol=1e-10)
+    torch.testing.assert_close(fast.lse, slow.lse)
+    assert fast.rows["entropy"][..., :50].isnan().all()
+    assert fast.rows["entropy"][..., 50:].isfinite().all()
+
+
 @pytest.fixture(scope="module")
 def lm(cache_dir):
     return asc.load("tiny-llama")

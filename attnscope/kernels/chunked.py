@@ -9,10 +9,10 @@ probabilities over the keys sum to 1 minus the sink's. Computes and returns stat
 
 Two block routines, one result. ``_band_block`` serves the common call (sorted positions shared by
 the batch, no key padding, score bias or sinks; a mask only where it agrees with causality and the
-window inside the visible band): it masks only the key ranges that cross the causal diagonal or the
-window edge, gets every row statistic from one matrix product of the probabilities with a few key
-features (ones, positions, sink and span indicators) plus one row-wise dot for the entropy, and the
-distance-limited terms (WAAD's band, FAI's horizon) from the few keys near the diagonal.
+window): it masks only the key ranges that cross the causal diagonal or the window edge, gets the
+row statistics from row sums, one matrix-vector product (positions) and one row-wise dot (the
+entropy), span masses from their own keys, and the distance-limited terms (WAAD's band, FAI's
+horizon) from the few keys near the diagonal.
 ``_block`` serves everything else, elementwise. With ``value`` (the fused forward,
 ``kernels.fused``) each block also computes ``P @ V``: the layer's attention output, same pass.
 """
@@ -79,9 +79,11 @@ def run_blocks(
             if out is not None:  # as in _block: no key, no value
                 out[:, :, rs] = 0.0
             continue
-        if scaled is not None and _band_block(scaled, rs, ks, rows, lse, sums, counts, out):
+        if scaled is not None and _band_block(scaled, rs, ks, sums, counts, out):
             continue
         _block(req, rs, ks, rows, lse, sums, counts, value, out)
+    if scaled is not None:
+        scaled.finish(rows, lse)
     return AttentionStats(rows, sums, counts, lse, backend="chunked"), out
 
 
@@ -147,21 +149,25 @@ class _BandInputs:
         self.kt = (req.k.to(dtype) * scale).transpose(-1, -2)  # [B, Hkv, D, Tk]
         self.v = None if value is None else value.to(dtype)  # [B, Hkv, Tk, Dv]
         self.qp, self.kp = req.q_pos[0], req.k_pos[0]  # [Tq], [Tk]
-        # key features: 1 (the normaliser), position (causal distance), sink and span indicators
-        kp = self.kp.to(dtype)
-        feats = [torch.ones_like(kp)]
-        self.dist_col = self.span_col = -1
-        if req.wants("mean_distance") and req.causal:
-            self.dist_col = len(feats)
-            feats.append(kp)  # replaced per block by positions relative to its first query
+        # span masses: each span is one range of key indices (positions are sorted)
         spans = {"sink_mass": (0, req.sink_tokens)}
         spans.update({SPAN_PREFIX + n: se for n, se in req.spans.items()})
-        self.span_cols = {}
-        for name, (start, end) in spans.items():
-            if req.wants(name):
-                self.span_cols[name] = len(feats)
-                feats.append(((self.kp >= start) & (self.kp < end)).to(dtype))
-        self.feats = torch.stack(feats, -1)  # [Tk, F]
+        self.span_keys = {
+            name: (int(torch.searchsorted(self.kp, start)), int(torch.searchsorted(self.kp, end)))
+            for name, (start, end) in spans.items()
+            if req.wants(name)
+        }
+        # positions that count up by one: the edge masks depend only on the block's shape
+        self.counting = bool((self.qp.diff() == 1).all() and (self.kp.diff() == 1).all())
+        self._edges: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor]] = {}
+        # per-row sums over each row's keys, turned into statistics once at the end (``finish``)
+        b, hq = req.q.shape[:2]
+        sums = ["max", "l"] + [n for n in ("entropy", "mean_distance", "waad") if req.wants(n)]
+        self.row_sums = {
+            n: torch.zeros(b, hq, tq, device=req.q.device, dtype=dtype)
+            for n in (*sums, *self.span_keys)
+        }
+        self.banded = torch.zeros(tq, dtype=torch.bool, device=req.q.device)  # rows served here
 
     def scores(self, rs: slice, ks: slice) -> Tensor:
         """Scaled (soft-capped) scores ``[B, Hq, r, k]``, one matrix product per KV group."""
@@ -181,19 +187,61 @@ class _BandInputs:
         a, z = max(a, ks.start), min(z, ks.stop)
         return slice(a - ks.start, max(a, z) - ks.start)
 
+    def finish(self, rows: dict[str, Tensor], lse: Tensor) -> None:
+        """Row statistics and log-normalisers of the rows the banded blocks served, from their
+        sums (NaN, and -inf, in rows that see no key)."""
+        t = self.row_sums
+        valid = t["l"] > 0  # a row that sees a key sums to at least 1 (its maximum's weight)
+        log_l, inv_l = torch.log(t["l"]), 1.0 / t["l"]  # [B, Hq, Tq]
+        every = bool(self.banded.all())
+
+        def put(dest: Tensor, value: Tensor, fill: float) -> None:
+            value = torch.where(valid, value, fill)
+            dest.copy_(value if every else torch.where(self.banded, value, dest))
+
+        put(lse, t["max"] + log_l, float("-inf"))
+        for name, dest in rows.items():
+            if name == "entropy":  # H = log l - sum p (s - m) / l
+                value = log_l - t[name] * inv_l
+            elif name == "max_attention":  # the maximum's weight is 1
+                value = inv_l
+            elif name == "waad":  # W - sum over the band of p (W - |t - s|) / l
+                value = self.req.window - t[name] * inv_l
+            else:  # mean_distance, sink_mass, span_mass:NAME
+                value = t[name] * inv_l
+            put(dest, value, float("nan"))
+
+    def edge(self, rs: slice, kk: slice) -> tuple[Tensor, Tensor, Tensor]:
+        """Which keys of ``kk`` the rows of ``rs`` may see by position (not beyond the causal
+        diagonal or the window edge), as ``seen`` (bool), ``keep`` (1 where seen, else 0) and
+        ``bias`` (0 where seen, else a large negative number), each ``[r, e]``; cached by shape
+        and offset where positions count up by one."""
+        key = (rs.stop - rs.start, kk.stop - kk.start, int(self.kp[kk.start] - self.qp[rs.start]))
+        got = self._edges.get(key) if self.counting else None
+        if got is None:
+            d = self.qp[rs, None] - self.kp[None, kk]  # [r, e]
+            seen = d >= 0 if self.req.causal else torch.ones_like(d, dtype=torch.bool)
+            if self.req.sliding_window is not None:
+                seen &= d < self.req.sliding_window
+            # adding to and multiplying a view by float masks is 8x faster than masked_fill_
+            keep = seen.to(self.kt.dtype)
+            got = seen, keep, (1.0 - keep) * (torch.finfo(keep.dtype).min / 2)
+            if self.counting:
+                self._edges[key] = got
+        return got
+
 
 def _band_block(
     x: _BandInputs,
     rs: slice,
     ks: slice,
-    rows: dict[str, Tensor],
-    lse_out: Tensor,
     sums: dict[str, Tensor],
     counts: dict[str, Tensor],
     out: Tensor | None,
 ) -> bool:
-    """One block of the common call (``_band_request``). False, with nothing written, when the
-    request's mask removes a key inside the band its positions allow (then ``_block`` runs)."""
+    """One block of the common call (``_band_request``): its rows' sums into ``x.row_sums``,
+    its columns' into ``sums``. False, with nothing written, when the request's mask differs
+    from what the positions allow (then ``_block`` runs)."""
     req = x.req
     qp = x.qp[rs]  # [r]
     kp = x.kp[ks]  # [k]
@@ -205,10 +253,6 @@ def _band_block(
     inner = x.keys(
         in_lo if in_lo is not None else int(kp[0]), in_hi if in_hi is not None else int(kp[-1]), ks
     )
-    if req.mask is not None and inner.stop > inner.start:
-        kk = slice(ks.start + inner.start, ks.start + inner.stop)
-        if not bool(req.mask[:, :, rs, kk].all()):
-            return False
     edges = [
         e
         for e in (slice(0, inner.start), slice(inner.stop, ks.stop - ks.start))
@@ -216,60 +260,56 @@ def _band_block(
     ]
     if inner.stop <= inner.start:
         edges = [slice(0, ks.stop - ks.start)]
+    masks = [x.edge(rs, slice(ks.start + e.start, ks.start + e.stop)) for e in edges]
+    if req.mask is not None:
+        if inner.stop > inner.start:
+            kk = slice(ks.start + inner.start, ks.start + inner.stop)
+            if not bool(req.mask[:, :, rs, kk].all()):
+                return False
+        for e, (seen, _, _) in zip(edges, masks, strict=True):
+            given = req.mask[:, :, rs, ks.start + e.start : ks.start + e.stop]  # [B, 1, r, e]
+            if not torch.equal(given, seen.expand_as(given)):
+                return False
 
     s = x.scores(rs, ks)  # [B, Hq, r, k]
-    neg = torch.finfo(s.dtype).min / 2
-    hidden = []  # per edge: keys the rows may not see (causal diagonal, window edge, the mask)
-    for e in edges:
-        kk = slice(ks.start + e.start, ks.start + e.stop)
-        hidden.append(~req.allowed(rs, kk))  # [B, 1, r, e]
-        s[..., e].masked_fill_(hidden[-1], neg)  # in place, through the view
+    for e, (_, _, bias) in zip(edges, masks, strict=True):
+        s[..., e] += bias  # hides the keys beyond the diagonal or window edge; through the view
     m = s.amax(-1, keepdim=True)  # [B, Hq, r, 1]
-    valid = m > neg / 2  # rows that see a key
-    m = torch.where(valid, m, 0.0)
     s -= m  # s - m <= 0
     # exp of an argument whose result underflows the normal range takes the CPU's slow path
     # (denormals, 5-10x); those weights are below 1e-37 of the row's largest one: floor them
     s.clamp_(min=EXP_FLOOR[s.dtype])
     p = torch.exp(s)  # unnormalised probabilities, 1 at each row's maximum; [B, Hq, r, k]
-    for e, out_of_view in zip(edges, hidden, strict=True):
-        p[..., e].masked_fill_(out_of_view, 0.0)
-    feats = x.feats[ks]  # [k, F]
-    if x.dist_col >= 0:  # positions from the block's first query: no cancellation in fp32
-        feats = feats.clone()
-        feats[:, x.dist_col] = (kp - t_lo).to(s.dtype)
-    feats = torch.matmul(p, feats)  # [B, Hq, r, F]
-    l_sum = feats[..., 0]  # [B, Hq, r]
-    valid = valid[..., 0]
-    inv_l = torch.where(valid, 1.0 / l_sum.clamp_min(1e-30), 0.0)  # [B, Hq, r]
-    nan = torch.tensor(float("nan"), device=s.device, dtype=s.dtype)
-    lse_out[:, :, rs] = torch.where(valid, m[..., 0] + torch.log(l_sum), float("-inf"))
-    rel = (qp - t_lo).to(s.dtype)  # [r] query positions from the block's first
-
-    def per_row(total: Tensor) -> Tensor:  # sum_s p w / l
-        return torch.where(valid, total * inv_l, nan)
-
-    for name, dest in rows.items():
-        if name == "entropy":  # H = log l - sum p (s - m) / l
-            dot = s.mul_(p).sum(-1)  # [B, Hq, r]; s is not read after this (no temporary)
-            dest[:, :, rs] = torch.where(valid, torch.log(l_sum) - dot * inv_l, nan)
-        elif name == "max_attention":
-            dest[:, :, rs] = torch.where(valid, inv_l, nan)
-        elif name == "mean_distance":
-            if x.dist_col >= 0:  # causal: sum p (t - s) = t l - sum p s
-                dest[:, :, rs] = per_row(rel * l_sum - feats[..., x.dist_col])
+    for e, (_, keep, _) in zip(edges, masks, strict=True):
+        p[..., e] *= keep  # 0 beyond the edges: a row that sees no key sums to l = 0
+    # row sums as reductions and matrix-vector products (a GEMM with a few columns is 10x slower)
+    part = {name: t[:, :, rs] for name, t in x.row_sums.items()}  # [B, Hq, r] views
+    x.banded[rs] = True
+    part["max"].copy_(m[..., 0])
+    l_sum = torch.sum(p, -1, out=part["l"])  # [B, Hq, r]
+    for name, dest in part.items():
+        if name == "entropy":  # sum p (s - m)
+            torch.sum(s.mul_(p), -1, out=dest)  # s is not read after this (no temporary)
+        elif name == "mean_distance":  # sum p |t - s|
+            if req.causal:  # (t - t0) l - sum p (s - t0): positions from the block's first query
+                ahead = torch.matmul(p, (kp - t_lo).to(s.dtype))  # [B, Hq, r]
+                torch.sub((qp - t_lo).to(s.dtype) * l_sum, ahead, out=dest)
             else:
                 dist = (qp[:, None] - kp[None, :]).to(s.dtype).abs()  # [r, k]
-                dest[:, :, rs] = per_row((p * dist).sum(-1))
-        elif name == "waad":  # W l - sum over the band |t - s| < W of p (W - |t - s|)
+                torch.sum(p * dist, -1, out=dest)
+        elif name == "waad":  # sum over the band |t - s| < W of p (W - |t - s|)
             w = req.window
             near = x.keys(t_lo - w + 1, t_hi + (0 if req.causal else w - 1), ks)
-            d = (qp[:, None] - x.kp[ks][near][None, :]).to(s.dtype).abs()  # [r, n]
-            close = (p[..., near] * (w - d).clamp_min(0)).sum(-1)
-            dest[:, :, rs] = per_row(w * l_sum - close)
-        else:  # sink_mass, span_mass:NAME
-            dest[:, :, rs] = per_row(feats[..., x.span_cols[name]])
-
+            d = (qp[:, None] - kp[near][None, :]).to(s.dtype).abs()  # [r, n]
+            torch.sum(p[..., near] * (w - d).clamp_min(0), -1, out=dest)
+        elif name in x.span_keys:  # sink_mass, span_mass:NAME: sum p over the span's keys
+            a, z = x.span_keys[name]
+            a, z = max(a, ks.start) - ks.start, min(z, ks.stop) - ks.start
+            if z > a:
+                torch.sum(p[..., a:z], -1, out=dest)
+    if out is None and not sums:
+        return True
+    inv_l = torch.where(l_sum > 0, 1.0 / l_sum, 0.0)  # [B, Hq, r]
     if out is not None:  # P @ V per KV group, normalised
         b, hq, r, k = p.shape
         hkv = x.v.shape[1]
@@ -284,13 +324,13 @@ def _band_block(
         for name in ("received", "sink_score"):
             if name in sums:
                 sums[name][:, :, ks] += got
-    row_valid = valid[:, :1]  # [B, 1, r]: the mask is shared by the heads
+    row_valid = l_sum[:, :1] > 0  # [B, 1, r]: the mask is shared by the heads
     if "sink_score" in counts:
         cnt = counts["sink_score"]
         cnt[:, :, ks] += row_valid.sum(-1, keepdim=True).float()
-        for e, out_of_view in zip(edges, hidden, strict=True):  # keys some rows cannot see
+        for e, (in_view, _, _) in zip(edges, masks, strict=True):  # keys some rows cannot see
             kk = slice(ks.start + e.start, ks.start + e.stop)
-            unseen = out_of_view & row_valid[..., None]  # [B, 1, r, e]
+            unseen = ~in_view & row_valid[..., None]  # [B, 1, r, e]
             cnt[:, :, kk] -= unseen.sum(-2).float()
     if "fai" in sums:
         _band_fai(x, rs, ks, qp, p, inv_l, row_valid, sums["fai"], counts["fai"])
