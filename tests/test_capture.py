@@ -58,8 +58,9 @@ def test_generate_matches_one_eager_pass(lm):
     assert_trace_matches(trace, attn)
 
 
-def test_padded_batch_matches_each_sequence_alone(lm):
-    long, short = prompt_ids(lm, 40, seed=2), prompt_ids(lm, 27, seed=3)
+@pytest.mark.parametrize("lengths", [(40, 27), (150, 40)])  # padding below and above 64 keys
+def test_padded_batch_matches_each_sequence_alone(lm, lengths):
+    long, short = prompt_ids(lm, lengths[0], seed=2), prompt_ids(lm, lengths[1], seed=3)
     pad = long.shape[1] - short.shape[1]
     ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)])
     mask = torch.ones_like(ids)
@@ -68,7 +69,7 @@ def test_padded_batch_matches_each_sequence_alone(lm):
     with torch.no_grad(), asc.capture(lm.model) as cap:
         lm.model(input_ids=ids, attention_mask=mask, position_ids=positions)
     traces = cap.traces()
-    assert [len(t) for t in traces] == [40, 27]
+    assert [len(t) for t in traces] == list(lengths)
     for trace, seq in zip(traces, (long, short), strict=True):
         attn = torch.stack(eager_attentions(lm.model, input_ids=seq))[:, 0]
         assert_trace_matches(trace, attn)

@@ -391,6 +391,11 @@ def _leading_padding(mask: Tensor | None, batch: int, tk: int) -> Tensor:
     """Leading key columns no query may see: left padding of each sequence. ``[B]``."""
     if mask is None:
         return torch.zeros(batch, dtype=torch.long)
-    seen = (mask > torch.finfo(mask.dtype).min / 2) if mask.is_floating_point() else mask.bool()
-    seen = seen.expand(batch, -1, -1, -1).any(dim=(1, 2))  # [B, Tk]
-    return (~seen).long().cumprod(-1).sum(-1).cpu()
+    width = min(tk, 64)  # leading columns only, widened until every sequence sees one
+    while True:
+        lead = mask[..., :width]  # [B|1, H|1, Tq, width]
+        seen = (lead > torch.finfo(lead.dtype).min / 2) if lead.is_floating_point() else lead.bool()
+        seen = seen.expand(batch, -1, -1, -1).any(dim=(1, 2))  # [B, width]
+        if width >= tk or bool(seen.any(-1).all()):
+            return (~seen).long().cumprod(-1).sum(-1).cpu()
+        width = min(tk, width * 4)
