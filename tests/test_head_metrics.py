@@ -9,7 +9,7 @@ from head_reference import head_rows, lookback_rows, probabilities, tl_scores
 
 import attnscope as asc
 from attnscope.errors import AttnscopeError, ShapeError, UnsupportedMetricError
-from attnscope.kernels import BACKENDS, attention_stats
+from attnscope.kernels import BACKENDS, attention_stats, lookups
 from attnscope.kernels.table import HEAD_METRICS
 
 HEADS = ("prev_token", "duplicate_token", "induction", "copy_attention")
@@ -57,6 +57,23 @@ def test_head_metrics_match_reference(backend, options):
     torch.testing.assert_close(
         stats.rows["lookback"].double(), lookback_rows(a, 10), atol=tol, rtol=tol, equal_nan=True
     )
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_lookups_in_row_chunks_match_reference(monkeypatch, window):
+    """Rows looked up a few at a time (a 32K text takes 1024 per chunk), copies enumerated only
+    inside the sliding window: the same values as the reference."""
+    monkeypatch.setattr(lookups, "LOOKUP_ROWS", 5)
+    q, k, tokens = _inputs(seed=3, vocab=3)
+    source = (2, 20)
+    stats = attention_stats(
+        q, k, metrics=HEADS, spans={"source": source}, tokens=tokens, sliding_window=window
+    )
+    ref = head_rows(probabilities(q, k, sliding_window=window), tokens, source)
+    for name in HEADS:
+        torch.testing.assert_close(
+            stats.rows[name], ref[name], atol=1e-10, rtol=1e-10, equal_nan=True
+        )
 
 
 def test_decode_rows_and_padding_positions():

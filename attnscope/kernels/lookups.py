@@ -30,6 +30,9 @@ from attnscope.kernels.table import (
 )
 
 CONTEXT_MASS = SPAN_PREFIX + CONTEXT_SPAN
+# query rows looked up together: bounds the couples held at once (a long text that repeats itself
+# has O(T^2) earlier copies in all; 1024 rows of a 32K text with 800 copies per token: 0.4M)
+LOOKUP_ROWS = 1024
 
 
 def backend_request(req: StatsRequest) -> StatsRequest:
@@ -102,23 +105,30 @@ def lookback(req: StatsRequest, rows: dict[str, Tensor], lse: Tensor) -> Tensor:
 def _row_values(
     req: StatsRequest, lse: Tensor, tokens: Tensor | None, b: int, name: str, reduce: str
 ) -> Tensor:
-    """One sequence: the metric's sum (or max) of looked-up weights per row ``[Hq, Tq]``."""
+    """One sequence: the metric's sum (or max) of looked-up weights per row ``[Hq, Tq]``,
+    ``LOOKUP_ROWS`` rows at a time."""
     hq, tq = req.q.shape[1], req.q.shape[2]
     toks = tokens[b].to(req.q.device) if tokens is not None else None
     source = req.spans.get(SOURCE_SPAN) if name == "copy_attention" else None
-    rows, key_pos = pairs(name, req.q_pos[b], toks, source)  # [P], [P]
-    candidate = torch.zeros(tq, dtype=torch.bool, device=rows.device)
-    candidate[rows] = True  # rows with a key to look up (weight 0 where the row cannot see it)
-    slot = _slots(req.k_pos[b], key_pos)  # [P] key index or -1
-    keep = (slot >= 0) & _visible(req, b, rows, slot.clamp_min(0))
-    rows, slot = rows[keep], slot[keep]
-    order = torch.argsort(rows * req.k.shape[2] + slot)  # by row, then key (CSR order)
-    rows, slot = rows[order], slot[order]
+    # a sum needs only the copies inside a sliding window; a max tells "none visible" (0) from
+    # "no copy" (NaN), so it enumerates them all
+    window = req.sliding_window if reduce == "sum" else None
     fill = float("-inf") if reduce == "amax" else 0.0
     out = torch.full((hq, tq), fill, dtype=lse.dtype, device=lse.device)
-    if len(rows):
-        w = pair_weights(req, lse, b, rows, slot)  # [Hq, P]
-        out.scatter_reduce_(1, rows[None].expand_as(w), w, reduce=reduce, include_self=True)
+    candidate = torch.zeros(tq, dtype=torch.bool, device=req.q.device)
+    for first in range(0, tq, LOOKUP_ROWS):
+        chunk = req.q_pos[b, first : first + LOOKUP_ROWS]
+        rows, key_pos = pairs(name, chunk, toks, source, window)  # [P], [P]
+        rows = rows + first
+        candidate[rows] = True  # rows with a key to look up (weight 0 if the row cannot see it)
+        slot = _slots(req.k_pos[b], key_pos)  # [P] key index or -1
+        keep = (slot >= 0) & _visible(req, b, rows, slot.clamp_min(0))
+        rows, slot = rows[keep], slot[keep]
+        order = torch.argsort(rows * req.k.shape[2] + slot)  # by row, then key (CSR order)
+        rows, slot = rows[order], slot[order]
+        if len(rows):
+            w = pair_weights(req, lse, b, rows, slot)  # [Hq, P]
+            out.scatter_reduce_(1, rows[None].expand_as(w), w, reduce=reduce, include_self=True)
     if reduce == "amax":  # every candidate out of sight: 0; no candidate at all: NaN
         out = torch.where(torch.isinf(out), 0.0, out).where(candidate, float("nan"))
     return out
@@ -139,12 +149,17 @@ def _visible(req: StatsRequest, b: int, rows: Tensor, keys: Tensor) -> Tensor:
 
 
 def pairs(
-    name: str, q_pos: Tensor, tokens: Tensor | None, source: tuple[int, int] | None = None
+    name: str,
+    q_pos: Tensor,
+    tokens: Tensor | None,
+    source: tuple[int, int] | None = None,
+    window: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Looked-up (query row, key position) couples of a metric for queries at ``q_pos`` ``[Tq]``;
     ``tokens`` ``[N]`` by position. Returns rows ``[P]`` (indices into ``q_pos``) and key
     positions ``[P]``: prev_token t-1; duplicate_token s < t with x_s = x_t; induction s in
-    [1, t] with x_{s-1} = x_t; copy_attention s <= t with x_s = x_{t+1} (within ``source``)."""
+    [1, t] with x_{s-1} = x_t; copy_attention s <= t with x_s = x_{t+1} (within ``source``).
+    ``window``: only keys a sliding window of that size lets row t see (s > t - window)."""
     rows = torch.arange(len(q_pos), device=q_pos.device)
     if name == "prev_token":
         keep = q_pos >= 1
@@ -160,14 +175,23 @@ def pairs(
         target, bound, shift = _token_at(tokens, q_pos), q_pos, 1
     else:
         raise ValueError(f"{name!r} is not a lookup metric")
-    return _earlier_matches(tokens, lo, hi, rows, target, bound, shift)
+    low = None if window is None else q_pos - window + 1 - shift  # key u + shift > t - window
+    return _earlier_matches(tokens, lo, hi, rows, target, bound, shift, low)
 
 
 def _earlier_matches(
-    tokens: Tensor, lo: int, hi: int, rows: Tensor, target: Tensor, bound: Tensor, shift: int
+    tokens: Tensor,
+    lo: int,
+    hi: int,
+    rows: Tensor,
+    target: Tensor,
+    bound: Tensor,
+    shift: int,
+    low: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """For each row, the positions ``u`` in ``[lo, min(hi, bound))`` with ``tokens[u] ==
-    target`` (target < 0: none), as (row, u + shift) couples ordered by row. O(N log N + P)."""
+    """For each row, the positions ``u`` in ``[max(lo, low), min(hi, bound))`` with
+    ``tokens[u] == target`` (target < 0: none), as (row, u + shift) couples ordered by row.
+    O(N log N + P)."""
     pos = torch.arange(lo, hi, device=tokens.device)
     tok = tokens[lo:hi]
     known = tok >= 0
@@ -177,7 +201,8 @@ def _earlier_matches(
     pos = pos[order]
     ok = target >= 0
     rows, target, bound = rows[ok], target[ok], bound[ok].clamp(max=hi)
-    start = torch.searchsorted(code, target * m)
+    earliest = torch.zeros_like(bound) if low is None else low[ok].clamp(0, len(tokens))
+    start = torch.searchsorted(code, target * m + earliest)
     stop = torch.searchsorted(code, target * m + bound.clamp_min(0))
     count = (stop - start).clamp_min(0)  # [R]
     total = int(count.sum())
