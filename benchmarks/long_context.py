@@ -10,7 +10,10 @@ Variants (each run in a fresh subprocess, rounds alternate the order of the vari
   layers, run directory + report), peak memory above the loaded model.
 
     python benchmarks/long_context.py [--lengths 4096 8192] [--variants plain default ...]
-        [--rounds 3] [--threads 1]
+        [--rounds 3] [--threads 1] [--alternate | --layer]
+
+``--alternate`` runs the forwards in one process instead (the model loaded once, variants in
+rotating order, ratios paired by round); ``--layer`` times one attention layer.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -37,13 +41,10 @@ LENS_GB_PER_4K = 9.8  # measured (RESULTS.md): TransformerLens above the model a
 MEMORY_GB = 10.0  # what this benchmark may use above the model on the shared machine
 
 
-def child(variant: str, n: int, threads: int, out: str) -> None:
+def capture_forward(lm, variant: str) -> Callable[[torch.Tensor], dict]:
+    """One forward of ``variant`` (plain, default, rows, fused, fused-rows) over input ids
+    ``[1, T]``; returns the captured statistics by name (none for plain)."""
     import attnscope as asc
-
-    torch.set_num_threads(threads)
-    lm = asc.load("gemma3-270m", attn_implementation="eager" if variant == "lens" else "sdpa")
-    page_in(lm.model)
-    ids = token_ids(lm.tokenizer, n)
 
     def forward(x: torch.Tensor) -> dict:
         model = lm.model
@@ -57,6 +58,18 @@ def child(variant: str, n: int, threads: int, out: str) -> None:
             model(input_ids=x, logits_to_keep=1)
         t = cap.trace
         return {**t.rows, **t.cols}
+
+    return forward
+
+
+def child(variant: str, n: int, threads: int, out: str) -> None:
+    import attnscope as asc
+
+    torch.set_num_threads(threads)
+    lm = asc.load("gemma3-270m", attn_implementation="eager" if variant == "lens" else "sdpa")
+    page_in(lm.model)
+    ids = token_ids(lm.tokenizer, n)
+    forward = capture_forward(lm, variant)
 
     if variant == "lens":
         from transformer_lens.model_bridge import TransformerBridge
@@ -108,6 +121,46 @@ def analyze_run(lm, n: int, out: str) -> dict:
         "tokens": len(trace),
         "files": sorted(p.name for p in run.iterdir()),
     }
+
+
+def alternate_table(lengths: list[int], variants: list[str], reps: int, threads: int) -> str:
+    """The whole forward of each variant in this process (the model loaded once), a warm-up
+    each, then ``reps`` rounds in rotating order. Ratios: the median over rounds of each
+    round's time over the same round's plain forward (paired: slow drifts of the machine
+    cancel), and their min-max."""
+    import attnscope as asc
+
+    torch.set_num_threads(threads)
+    lm = asc.load("gemma3-270m", attn_implementation="sdpa")
+    page_in(lm.model)
+    variants = ["plain", *(v for v in variants if v not in ("plain", "lens", "analyze"))]
+    lines = []
+    for n in lengths:
+        ids = token_ids(lm.tokenizer, n)
+        forwards = {v: capture_forward(lm, v) for v in variants}
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        with torch.no_grad():
+            for f in forwards.values():
+                f(ids[:, :256])  # warm-up on a short prefix
+            for r in range(reps):
+                for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
+                    start = time.perf_counter()
+                    forwards[v](ids)
+                    times[v].append(time.perf_counter() - start)
+                    print(f"T={n} round {r + 1}/{reps} {v}: {times[v][-1]:.1f} s", flush=True)
+        for v in variants:
+            paired = [t / p for t, p in zip(times[v], times["plain"], strict=True)]
+            lines.append(
+                f"| {n} | {v} | {fmt(times[v])} | {statistics.median(paired):.2f}x "
+                f"| {min(paired):.2f}-{max(paired):.2f} |"
+            )
+    return "\n".join(
+        [
+            "| T | variant | time, median (min-max) | / plain, median of rounds | min-max |",
+            "|---|---|---|---|---|",
+            *lines,
+        ]
+    )
 
 
 def layer_table(lengths: list[int], reps: int, threads: int) -> str:
@@ -197,10 +250,30 @@ def main() -> None:
     parser.add_argument(
         "--layer", action="store_true", help="one attention layer in-process, alternating"
     )
+    parser.add_argument(
+        "--alternate", action="store_true", help="whole forwards in one process, alternating"
+    )
     args = parser.parse_args()
     if args.child:
         variant, n, threads, out = args.child
         child(variant, int(n), int(threads), out)
+        return
+    if args.alternate:
+        table = alternate_table(args.lengths, args.variants, args.rounds, args.threads)
+        print(table)
+        if not args.no_write:
+            note = (
+                f"Gemma-3-270M fp32, one sequence, the model loaded once: a warm-up forward of "
+                f"each variant, then {args.rounds} rounds in rotating order. Each round's time "
+                f"is divided by the same round's plain SDPA forward; the table gives the median "
+                f"and min-max of those paired ratios. torch threads = {args.threads}; 1-minute "
+                f"load average {os.getloadavg()[0]:.1f} at the end."
+            )
+            write_section(
+                "Long context, one process (CPU)",
+                "python benchmarks/long_context.py --alternate",
+                note + "\n\n" + table,
+            )
         return
     if args.layer:
         table = layer_table(args.lengths, args.rounds, args.threads)
