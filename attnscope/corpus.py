@@ -487,6 +487,7 @@ def _analyze_batch(
             attention_mask=mask,
             position_ids=padded_positions(mask),
             logits_to_keep=1,
+            use_cache=False,  # one forward: a KV cache would only hold memory
         )
     bar.update(sum(len(p.ids) for p in batch))
     traces = cap.traces()
