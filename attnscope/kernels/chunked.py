@@ -219,10 +219,7 @@ class _BandInputs:
         key = (rs.stop - rs.start, kk.stop - kk.start, int(self.kp[kk.start] - self.qp[rs.start]))
         got = self._edges.get(key) if self.counting else None
         if got is None:
-            d = self.qp[rs, None] - self.kp[None, kk]  # [r, e]
-            seen = d >= 0 if self.req.causal else torch.ones_like(d, dtype=torch.bool)
-            if self.req.sliding_window is not None:
-                seen &= d < self.req.sliding_window
+            seen = self.req.by_position(self.qp[rs, None], self.kp[None, kk])  # [r, e]
             # adding to and multiplying a view by float masks is 8x faster than masked_fill_
             keep = seen.to(self.kt.dtype)
             got = seen, keep, (1.0 - keep) * (torch.finfo(keep.dtype).min / 2)

@@ -138,11 +138,7 @@ def _visible(req: StatsRequest, b: int, rows: Tensor, keys: Tensor) -> Tensor:
     """Which (row, key) couples the positions allow: causal, sliding window, key padding
     (``[P]`` bool; a full mask is applied per head in ``pair_weights``)."""
     qp, kp = req.q_pos[b, rows], req.k_pos[b, keys]  # [P]
-    ok = kp >= 0
-    if req.causal:
-        ok = ok & (kp <= qp)
-    if req.sliding_window is not None:
-        ok = ok & (qp - kp < req.sliding_window)
+    ok = (kp >= 0) & req.by_position(qp, kp)
     if req.key_valid is not None:
         ok = ok & req.key_valid[b, keys]
     return ok

@@ -55,17 +55,23 @@ class StatsRequest:
     def col_metrics(self) -> tuple[str, ...]:
         return tuple(m for m in self.metrics if axis_of(m) == "col")
 
-    def allowed(self, rows: slice, keys: slice = slice(None)) -> Tensor:
-        """Which keys each query row may see. bool ``[B, 1|Hq, rows, keys]``."""
-        qp = self.q_pos[:, None, rows, None]  # [B, 1, r, 1]
-        kp = self.k_pos[:, None, None, keys]  # [B, 1, 1, k]
+    def by_position(self, qp: Tensor, kp: Tensor) -> Tensor:
+        """Which (query, key) positions causality and the sliding window allow: bool, the
+        broadcast shape of ``qp`` and ``kp``."""
         ok = torch.ones(
-            qp.shape[0], 1, qp.shape[2], kp.shape[3], dtype=torch.bool, device=self.q.device
+            torch.broadcast_shapes(qp.shape, kp.shape), dtype=torch.bool, device=qp.device
         )
         if self.causal:
             ok = ok & (kp <= qp)
         if self.sliding_window is not None:
             ok = ok & (qp - kp < self.sliding_window)
+        return ok
+
+    def allowed(self, rows: slice, keys: slice = slice(None)) -> Tensor:
+        """Which keys each query row may see. bool ``[B, 1|Hq, rows, keys]``."""
+        qp = self.q_pos[:, None, rows, None]  # [B, 1, r, 1]
+        kp = self.k_pos[:, None, None, keys]  # [B, 1, 1, k]
+        ok = self.by_position(qp, kp)  # [B, 1, r, k]
         if self.key_valid is not None:
             ok = ok & self.key_valid[:, None, None, keys]
         if self.mask is not None:
